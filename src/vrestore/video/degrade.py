@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import VrestoreError
 from .colour import ColourInfo, planes_to_rgb
-from .io import VideoReader, VideoWriter, _fill_plane, packet_sizes, temp_path_for
+from .io import VideoReader, _fill_plane, packet_sizes, temp_path_for
 
 #: HM low-delay P GOP: (QPOffset, QPOffsetModelOffset, QPOffsetModelScale) for POC 1..4 of each GOP.
 HM_LDP_GOP = ((5, -6.5, 0.2590), (4, -6.5, 0.2590), (5, -6.5, 0.2590), (1, 0.0, 0.0))

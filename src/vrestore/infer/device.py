@@ -1,0 +1,68 @@
+"""Device and precision selection, in one place.
+
+``auto`` picks CUDA when present (bf16 where supported, else fp16), otherwise
+the CPU with bf16 autocast when oneDNN has a native bf16 path (AMX or
+AVX512-BF16), otherwise fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import VrestoreError
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return amx or native
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: torch.device
+    dtype: torch.dtype  # compute dtype under autocast (float32 = no autocast)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.type == "cpu"
+
+    def __str__(self) -> str:
+        return f"{self.device.type} {str(self.dtype).replace('torch.', '')}"
+
+
+def select(device: str = "auto", dtype: str = "auto") -> Precision:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise VrestoreError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VrestoreError("--device cuda requested but no CUDA GPU is available")
+    if dtype == "auto":
+        if dev.type == "cuda":
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dt = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    else:
+        if dtype not in _DTYPES:
+            raise VrestoreError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+        dt = _DTYPES[dtype]
+        if dev.type == "cpu" and dt == torch.float16:
+            raise VrestoreError("fp16 is not supported on the CPU; use bf16 or fp32")
+    return Precision(dev, dt)

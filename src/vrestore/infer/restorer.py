@@ -1,0 +1,320 @@
+"""The two-stage restorer: stage 1 (one or an ensemble of recurrent models),
+optional stage 2 frame by frame, optional x8 TTA around both, run over a
+stream of frames in overlapping temporal chunks and spatial tiles so memory
+does not grow with the video's length or size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import VrestoreError
+from . import device as devmod
+
+log = logging.getLogger(__name__)
+
+ModelSpec = nn.Module | str | os.PathLike
+
+
+def _as_model(spec: ModelSpec) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        return spec.eval()
+    from ..models.checkpoint import load
+
+    return load(spec)
+
+
+# ---------------------------------------------------------------------------
+# x8 geometric transforms on (..., H, W) tensors
+
+def tta_forward(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Transform ``k`` in 0..7: rotate by (k % 4) quarter turns, then flip W if k >= 4."""
+    y = torch.rot90(x, k % 4, dims=(-2, -1))
+    return y.flip(-1) if k >= 4 else y
+
+
+def tta_inverse(y: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= 4:
+        y = y.flip(-1)
+    return torch.rot90(y, -(k % 4), dims=(-2, -1))
+
+
+# ---------------------------------------------------------------------------
+# Blending weights
+
+def _ramp(n: int, lo_overlap: int, hi_overlap: int) -> torch.Tensor:
+    """1-D weights: linear ramps over the overlaps at each end, 1 elsewhere."""
+    w = torch.ones(n)
+    if lo_overlap:
+        w[:lo_overlap] = torch.arange(1, lo_overlap + 1) / (lo_overlap + 1)
+    if hi_overlap:
+        w[n - hi_overlap:] = torch.arange(hi_overlap, 0, -1) / (hi_overlap + 1)
+    return w
+
+
+def _starts(total: int, size: int, overlap: int) -> list[int]:
+    if total <= size:
+        return [0]
+    step = max(1, size - overlap)
+    s = list(range(0, total - size, step))
+    s.append(total - size)
+    return s
+
+
+@dataclass
+class RestoreReport:
+    source: str
+    output: str
+    frames: int
+    unique_frames: int
+    seconds: float
+    fps: float
+    pqfs: list[int] | None
+    extra: dict = field(default_factory=dict)
+
+
+class Restorer:
+    """Chain stage 1 (one model, or several averaged: an ensemble), optional
+    stage 2 and optional x8 TTA; run it on clips, frame arrays or files.
+
+    ``chunk``/``overlap``: frames per temporal window of the recurrent model
+    and frames shared by consecutive windows (blended linearly). ``tile``:
+    split frames larger than ``tile`` x ``tile`` input pixels into tiles that
+    overlap by ``tile_overlap`` pixels (0 = never tile).
+    """
+
+    def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | None = None, *,
+                 tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
+                 overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int = 0,
+                 dedup: bool = False):
+        specs = stage1 if isinstance(stage1, (list, tuple)) else [stage1]
+        if not specs:
+            raise VrestoreError("at least one stage-1 model is needed")
+        self.precision = devmod.select(device, dtype)
+        self.stage1 = [self._prepare(_as_model(s)) for s in specs]
+        scales = {getattr(m, "scale", 1) for m in self.stage1}
+        if len(scales) != 1:
+            raise VrestoreError(f"ensemble members have different scales {sorted(scales)}")
+        self.scale = scales.pop()
+        self.stage2 = self._prepare(_as_model(stage2)) if stage2 is not None else None
+        if self.stage2 is not None and getattr(self.stage2, "scale", 1) != 1:
+            raise VrestoreError("stage 2 must keep the size (a restoration SwinIR, upscale 1)")
+        if chunk < 2 or not 0 <= overlap < chunk // 2 + 1:
+            raise VrestoreError(f"need chunk >= 2 and 0 <= overlap <= chunk/2 (got chunk={chunk}, overlap={overlap})")
+        self.tta, self.chunk, self.overlap = tta, chunk, overlap
+        self.tile, self.tile_overlap, self.stage2_tile = tile, tile_overlap, stage2_tile
+        self.dedup = dedup
+
+    def _prepare(self, m: nn.Module) -> nn.Module:
+        m = m.to(self.precision.device).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
+    # -- one clip through everything -------------------------------------
+    def _stage1(self, clip: torch.Tensor, pqfs: list[int] | None) -> torch.Tensor:
+        """clip (T, 3, H, W) -> (T, 3, sH, sW): ensemble average of stage-1 models."""
+        acc = None
+        for m in self.stage1:
+            with self.precision.autocast():
+                y = m(clip.unsqueeze(0), pqfs=pqfs)[0].float()
+            acc = y if acc is None else acc + y
+        return acc / len(self.stage1)
+
+    def _stage2(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.stage2 is None:
+            return frames
+        out = torch.empty_like(frames)
+        for i in range(frames.shape[0]):
+            x = frames[i: i + 1]
+            with self.precision.autocast():
+                if self.stage2_tile:
+                    out[i: i + 1] = self._tiled(lambda t: self.stage2(t).float(), x, self.stage2_tile,
+                                                self.tile_overlap, 1)
+                else:
+                    out[i: i + 1] = self.stage2(x).float()
+        return out
+
+    def _tiled(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
+               scale: int) -> torch.Tensor:
+        """Apply ``fn`` on overlapping spatial tiles of x (..., H, W) and blend."""
+        h, w = x.shape[-2:]
+        if not tile or (h <= tile and w <= tile):
+            return fn(x)
+        ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+        out = None
+        norm = torch.zeros(h * scale, w * scale, device=x.device)
+        for yi, y0 in enumerate(ys):
+            for xi, x0 in enumerate(xs):
+                th, tw = min(tile, h), min(tile, w)
+                y = fn(x[..., y0: y0 + th, x0: x0 + tw])
+                lo_y = (ys[yi - 1] + th - y0) * scale if yi > 0 else 0
+                hi_y = (y0 + th - ys[yi + 1]) * scale if yi + 1 < len(ys) else 0
+                lo_x = (xs[xi - 1] + tw - x0) * scale if xi > 0 else 0
+                hi_x = (x0 + tw - xs[xi + 1]) * scale if xi + 1 < len(xs) else 0
+                wgt = (_ramp(th * scale, lo_y, hi_y)[:, None] * _ramp(tw * scale, lo_x, hi_x)[None]).to(x.device)
+                if out is None:
+                    out = torch.zeros(*y.shape[:-2], h * scale, w * scale, device=x.device, dtype=torch.float32)
+                sl = (..., slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
+                out[sl] += y.float() * wgt
+                norm[sl[1:]] += wgt
+        return out / norm
+
+    def run_clip(self, clip: torch.Tensor, pqfs: list[int] | None = None) -> torch.Tensor:
+        """Restore one clip held in memory: (T, 3, H, W) float in [0, 1] ->
+        (T, 3, sH, sW) float (not clipped). TTA spans both stages."""
+        clip = clip.to(self.precision.device, torch.float32)
+        transforms = range(8) if self.tta else [0]
+        acc = None
+        with torch.inference_mode():
+            for k in transforms:
+                x = tta_forward(clip, k)
+                y = self._tiled(lambda t, _p=pqfs: self._stage1(t, _p), x, self.tile, self.tile_overlap, self.scale)
+                y = tta_inverse(self._stage2(y), k)
+                acc = y if acc is None else acc + y
+        return acc / len(transforms)
+
+    # -- streams -------------------------------------------------------------
+    def stream(self, frames: Iterable[np.ndarray], pqfs: list[int] | None = None) -> Iterator[np.ndarray]:
+        """Restore an iterable of RGB uint8 (H, W, 3) frames, yielding restored
+        uint8 frames in order; holds at most one chunk of frames in memory.
+        ``pqfs`` are indices in the input (before de-duplication)."""
+        source: Iterable[tuple[int, np.ndarray]] = enumerate(frames)
+        repeats: list[int] = []  # copies of each kept frame (filled as input is read)
+        if self.dedup:
+            source = _dedup(source, repeats)
+        pqf_set = set(pqfs) if pqfs is not None else None
+        unique_pqfs: list[int] | None = [] if pqf_set is not None else None
+        self.stats = {"unique_frames": 0}
+        buf: list[torch.Tensor] = []  # input frames of the current window
+        start = 0  # index (in kept frames) of buf[0]
+        pending: torch.Tensor | None = None  # outputs of the overlap, blended into the next window
+        ready: list[np.ndarray] = []  # restored kept frames not yet emitted
+        emitted = 0
+
+        def drain(final: bool) -> Iterator[np.ndarray]:
+            # A kept frame's repeat count is known once a later frame was read.
+            nonlocal emitted
+            while ready and (final or not self.dedup or emitted < len(repeats) - 1):
+                f = ready.pop(0)
+                for _ in range(repeats[emitted] if self.dedup else 1):
+                    yield f
+                emitted += 1
+
+        def window_pqfs(s: int, n: int) -> list[int] | None:
+            if unique_pqfs is None:
+                return None
+            return [p - s for p in unique_pqfs if s <= p < s + n]
+
+        def run(final: bool) -> None:
+            nonlocal buf, start, pending
+            ov = 0 if pending is None else pending.shape[0]
+            if final and ov and len(buf) == ov:  # nothing new since the last window
+                out = pending
+            else:
+                out = self.run_clip(torch.stack(buf), window_pqfs(start, len(buf)))
+                if ov:
+                    w = _ramp(2 * ov, 0, ov)[ov:].view(-1, 1, 1, 1).to(out.device)  # previous window's weight
+                    out[:ov] = pending * w + out[:ov] * (1 - w)
+            keep = 0 if final else min(self.overlap, len(buf) - ov - 1)
+            done = out[: len(buf) - keep]
+            arr = (done.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            ready.extend(arr)
+            pending = out[len(buf) - keep:] if keep else None
+            start += len(buf) - keep
+            buf = buf[len(buf) - keep:]
+
+        for orig_idx, f in source:
+            if f.dtype != np.uint8:
+                f = (f >> 8).astype(np.uint8)
+            self.stats["unique_frames"] += 1
+            if unique_pqfs is not None and orig_idx in pqf_set:
+                unique_pqfs.append(start + len(buf))
+            buf.append(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255.0)
+            if len(buf) >= self.chunk:
+                run(final=False)
+            yield from drain(final=False)
+        if buf:
+            run(final=True)
+        yield from drain(final=True)
+
+    def restore_frames(self, frames: np.ndarray, pqfs: list[int] | None = None) -> np.ndarray:
+        """(T, H, W, 3) uint8 -> (T, sH, sW, 3) uint8."""
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VrestoreError(f"expected (T, H, W, 3) frames, got {frames.shape}")
+        return np.stack(list(self.stream(list(frames), pqfs)))
+
+    def restore_video(self, src: str | os.PathLike, dst: str | os.PathLike, *, codec: str | None = None,
+                      quality: int | None = None, pqfs: list[int] | str | None = "auto", overwrite: bool = False,
+                      progress: Callable[[int, int | None], None] | None = None, raw=None) -> RestoreReport:
+        """Decode ``src``, restore and encode to ``dst`` in one streaming pass,
+        keeping frame count, timestamps, colour tags and audio/subtitles."""
+        from ..video.degrade import detect_pqfs
+        from ..video.io import VideoReader, VideoWriter, packet_sizes
+
+        src, dst = Path(src), Path(dst)
+        if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+            raise VrestoreError(f"{dst}: output path is the input file")
+        reader = VideoReader(src, raw)
+        info = reader.info
+        if pqfs == "auto":
+            pqfs = detect_pqfs(packet_sizes(src)) if info.kind == "container" else None
+            if pqfs is None:
+                log.info("%s: no peak-quality-frame pattern found; plain second-order propagation", src)
+        if codec is None:
+            codec = "png" if dst.suffix == "" else "ffv1" if dst.suffix == ".mkv" else "x264"
+        writer = VideoWriter(dst, fps=info.fps, time_base=info.time_base, codec=codec, quality=quality,
+                             colour=info.colour, audio_from=src if info.kind == "container" else None,
+                             overwrite=overwrite)
+        pts_list: list[int | None] = []
+
+        def frames() -> Iterator[np.ndarray]:
+            for fr in reader:
+                pts_list.append(fr.pts)
+                yield fr.rgb
+
+        t0 = time.perf_counter()
+        n = 0
+        try:
+            gen = self.stream(frames(), pqfs if isinstance(pqfs, list) else None)
+            for out in gen:
+                writer.write(out, pts_list[n] if info.kind == "container" else None)
+                n += 1
+                if progress:
+                    progress(n, info.num_frames)
+            if n == 0:
+                raise VrestoreError(f"{src}: holds no decodable frames")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            reader.close()
+        unique = self.stats["unique_frames"]
+        dt = time.perf_counter() - t0
+        extra = {"corrupt_packets": reader.corrupt_packets, "truncated": reader.truncated,
+                 "precision": str(self.precision)}
+        return RestoreReport(str(src), str(dst), n, unique, dt, n / dt if dt else 0.0,
+                             pqfs if isinstance(pqfs, list) else None, extra)
+
+
+def _dedup(source: Iterable[tuple[int, np.ndarray]], repeats: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Drop frames identical to their predecessor; ``repeats`` counts the
+    consecutive copies of each kept frame, filled in as input is read."""
+    prev = None
+    for idx, f in source:
+        if prev is not None and f.shape == prev.shape and np.array_equal(f, prev):
+            repeats[-1] += 1
+            continue
+        repeats.append(1)
+        prev = f
+        yield idx, f

@@ -1,0 +1,306 @@
+"""BasicVSR++ (Chan et al., CVPR 2022) with TaoMC2's PQF propagation and a
+growable reconstruction trunk.
+
+Parameter names follow MMEditing's ``BasicVSRPlusPlus`` backbone so released
+checkpoints load unchanged. Two input modes: low-resolution input with x2/x4
+output, and same-size output for compressed-video enhancement (features and
+flow at 1/4 size after two stride-2 convs; inputs are padded to the 256 px the
+flow network needs and cropped back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dcn import ModulatedDeformConv2d, modulated_deform_conv2d
+from .registry import register_arch, register_model
+from .spynet import SPyNet, flow_warp
+
+BRANCHES = ("backward_1", "forward_1", "backward_2", "forward_2")
+
+
+class ResidualBlockNoBN(nn.Module):
+    """conv-ReLU-conv with an identity shortcut."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class ResidualBlocksWithInputConv(nn.Module):
+    """Input conv + LeakyReLU, then residual blocks (``main.2`` is the trunk)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int):
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, 1, 1),
+                                  nn.LeakyReLU(0.1, inplace=True),
+                                  nn.Sequential(*[ResidualBlockNoBN(out_channels) for _ in range(num_blocks)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+class PixelShufflePack(nn.Module):
+    def __init__(self, cin: int, cout: int, scale: int):
+        super().__init__()
+        self.scale = scale
+        self.upsample_conv = nn.Conv2d(cin, cout * scale * scale, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.upsample_conv(x)
+        return F.pixel_shuffle(x, self.scale) if self.scale > 1 else x
+
+
+class SecondOrderDeformableAlignment(ModulatedDeformConv2d):
+    """Flow-guided deformable alignment of two propagated features: offsets are
+    the flows plus a bounded residual (``max_residue_magnitude * tanh``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, deform_groups: int = 16,
+                 max_residue_magnitude: float = 10.0):
+        super().__init__(in_channels, out_channels, 3, padding=1, deform_groups=deform_groups)
+        self.max_residue_magnitude = max_residue_magnitude
+        c = out_channels
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(3 * c + 4, c, 3, 1, 1), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(c, c, 3, 1, 1), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(c, c, 3, 1, 1), nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv2d(c, 27 * deform_groups, 3, 1, 1))
+        nn.init.zeros_(self.conv_offset[-1].weight)
+        nn.init.zeros_(self.conv_offset[-1].bias)
+
+    def forward(self, x: torch.Tensor, extra_feat: torch.Tensor, flow_1: torch.Tensor,
+                flow_2: torch.Tensor) -> torch.Tensor:
+        out = self.conv_offset(torch.cat([extra_feat, flow_1, flow_2], dim=1))
+        o1, o2, mask = torch.chunk(out, 3, dim=1)
+        offset = self.max_residue_magnitude * torch.tanh(torch.cat((o1, o2), dim=1))
+        off1, off2 = torch.chunk(offset, 2, dim=1)
+        reps = off1.size(1) // 2
+        off1 = off1 + flow_1.flip(1).repeat(1, reps, 1, 1)
+        off2 = off2 + flow_2.flip(1).repeat(1, reps, 1, 1)
+        return modulated_deform_conv2d(x, torch.cat([off1, off2], dim=1), torch.sigmoid(mask), self.weight,
+                                       self.bias, 1, 1, 1, 1, self.deform_groups)
+
+
+@dataclass
+class BasicVSRPPConfig:
+    mid_channels: int = 64
+    num_blocks: int = 7
+    max_residue_magnitude: float = 10.0
+    is_low_res_input: bool = True
+    scale: int = 4
+    num_reconstruction_blocks: int = 5
+    pqf_propagation: bool = False
+    pqf_period: int = 4
+    extra: dict = field(default_factory=dict)
+
+
+@register_arch("basicvsrpp")
+class BasicVSRPlusPlus(nn.Module):
+    """Input (N, T, 3, H, W) in [0, 1] -> (N, T, 3, sH, sW).
+
+    ``forward(lqs, pqfs=None)``: with ``pqf_propagation`` on, the second-order
+    link of each branch goes to the nearest peak-quality frame at least two
+    steps back in the propagation direction (its flow chained from the
+    consecutive flows), falling back to the frame two steps back; ``pqfs`` is
+    the list of PQF indices of the clip (default: every ``pqf_period``-th).
+    """
+
+    task = "vsr"
+    min_flow_size = 64
+
+    def __init__(self, cfg: BasicVSRPPConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.mid_channels
+        if not cfg.is_low_res_input and cfg.scale != 1:
+            raise ValueError("same-size mode (is_low_res_input=False) has scale 1")
+        if cfg.is_low_res_input and cfg.scale not in (2, 4):
+            raise ValueError("low-res input mode supports scale 2 or 4")
+        self.spynet = SPyNet()
+        if cfg.is_low_res_input:
+            self.feat_extract = ResidualBlocksWithInputConv(3, c, 5)
+        else:
+            self.feat_extract = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.LeakyReLU(0.1, inplace=True),
+                                              nn.Conv2d(c, c, 3, 2, 1), nn.LeakyReLU(0.1, inplace=True),
+                                              ResidualBlocksWithInputConv(c, c, 5))
+        self.deform_align = nn.ModuleDict()
+        self.backbone = nn.ModuleDict()
+        for i, name in enumerate(BRANCHES):
+            self.deform_align[name] = SecondOrderDeformableAlignment(2 * c, c, 16, cfg.max_residue_magnitude)
+            self.backbone[name] = ResidualBlocksWithInputConv((2 + i) * c, c, cfg.num_blocks)
+        self.reconstruction = ResidualBlocksWithInputConv(5 * c, c, cfg.num_reconstruction_blocks)
+        up = cfg.scale * (1 if cfg.is_low_res_input else 4)  # feature -> output factor
+        self.upsample1 = PixelShufflePack(c, c, 2)
+        self.upsample2 = PixelShufflePack(c, 64, 2 if up == 4 else 1)
+        self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
+        self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
+
+    # -- configuration ------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: dict) -> BasicVSRPlusPlus:
+        cfg = dict(cfg)
+        if "scale" not in cfg:
+            cfg["scale"] = 4 if cfg.get("is_low_res_input", True) else 1
+        return cls(BasicVSRPPConfig(**cfg))
+
+    def config(self) -> dict:
+        return asdict(self.cfg)
+
+    @property
+    def scale(self) -> int:
+        return self.cfg.scale
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes are padded to a multiple of this internally."""
+        return 1 if self.cfg.is_low_res_input else 4
+
+    def grow(self, num_blocks: int) -> None:
+        """Append residual blocks to the end of the reconstruction trunk. The new
+        blocks start as exact identities (second conv zeroed), so the output
+        does not change at the moment of growth and training continues."""
+        trunk = self.reconstruction.main[2]
+        ref = next(self.parameters())
+        for _ in range(num_blocks):
+            blk = ResidualBlockNoBN(self.cfg.mid_channels).to(device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(blk.conv2.weight)
+            nn.init.zeros_(blk.conv2.bias)
+            trunk.append(blk)
+        self.cfg.num_reconstruction_blocks += num_blocks
+
+    # -- forward ------------------------------------------------------------
+    def compute_flow(self, lqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, t, c, h, w = lqs.shape
+        a = lqs[:, :-1].reshape(-1, c, h, w)
+        b = lqs[:, 1:].reshape(-1, c, h, w)
+        flows_backward = self.spynet(a, b).view(n, t - 1, 2, h, w)
+        flows_forward = self.spynet(b, a).view(n, t - 1, 2, h, w)
+        return flows_forward, flows_backward
+
+    def _anchor(self, step: int, order: list[int], pqf: set[int]) -> int:
+        if self.cfg.pqf_propagation:
+            for s in range(step - 2, -1, -1):
+                if order[s] in pqf:
+                    return s
+        return step - 2
+
+    def propagate(self, spatial: list[torch.Tensor], done: list[list[torch.Tensor]], flows: torch.Tensor,
+                  name: str, pqf: set[int]) -> list[torch.Tensor]:
+        t = len(spatial)
+        backward = name.startswith("backward")
+        order = list(range(t - 1, -1, -1)) if backward else list(range(t))
+        outs: list[torch.Tensor | None] = [None] * t
+        history: list[torch.Tensor] = []
+        step_flows: list[torch.Tensor | None] = [None]
+        chain: tuple[int, int, torch.Tensor] | None = None  # (anchor step, step, flow anchor -> step)
+        feat_prop = spatial[0].new_zeros(spatial[0].shape)
+        align = self.deform_align[name]
+        for i, idx in enumerate(order):
+            cur = spatial[idx]
+            if i > 0:
+                flow1 = flows[:, idx] if backward else flows[:, idx - 1]
+                step_flows.append(flow1)
+                cond1 = flow_warp(feat_prop, flow1)
+                if i > 1:
+                    a = self._anchor(i, order, pqf)
+                    if chain is not None and chain[0] == a and chain[1] == i - 1:
+                        flow2 = flow1 + flow_warp(chain[2], flow1)
+                    else:
+                        flow2 = step_flows[a + 1]
+                        for s in range(a + 2, i + 1):
+                            flow2 = step_flows[s] + flow_warp(flow2, step_flows[s])
+                    chain = (a, i, flow2)
+                    feat2 = history[a]
+                    cond2 = flow_warp(feat2, flow2)
+                else:
+                    feat2 = torch.zeros_like(feat_prop)
+                    flow2 = torch.zeros_like(flow1)
+                    cond2 = torch.zeros_like(cond1)
+                feat_prop = align(torch.cat([feat_prop, feat2], 1), torch.cat([cond1, cur, cond2], 1), flow1, flow2)
+            feat = torch.cat([cur] + [d[idx] for d in done] + [feat_prop], dim=1)
+            feat_prop = feat_prop + self.backbone[name](feat)
+            history.append(feat_prop)
+            outs[idx] = feat_prop
+        return outs  # type: ignore[return-value]
+
+    def _pad(self, lqs: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        h, w = lqs.shape[-2:]
+        if self.cfg.is_low_res_input:
+            hp, wp = max(h, self.min_flow_size), max(w, self.min_flow_size)
+        else:
+            hp, wp = max(-(-h // 4) * 4, 4 * self.min_flow_size), max(-(-w // 4) * 4, 4 * self.min_flow_size)
+        if (hp, wp) == (h, w):
+            return lqs, h, w
+        n, t = lqs.shape[:2]
+        x = lqs.reshape(n * t, 3, h, w)
+        mode = "reflect" if hp - h < h and wp - w < w else "replicate"
+        x = F.pad(x, (0, wp - w, 0, hp - h), mode=mode)
+        return x.view(n, t, 3, hp, wp), h, w
+
+    def forward(self, lqs: torch.Tensor, pqfs: list[int] | None = None) -> torch.Tensor:
+        if lqs.dim() != 5 or lqs.shape[2] != 3:
+            raise ValueError(f"expected (N, T, 3, H, W), got {tuple(lqs.shape)}")
+        lqs, h0, w0 = self._pad(lqs)
+        n, t, c, h, w = lqs.shape
+        if t < 2:  # a single frame: propagate over itself so every branch sees valid flow
+            lqs = lqs.repeat(1, 2, 1, 1, 1)
+            return self.forward(lqs, [0, 1])[:, :1, :, : h0 * self.scale, : w0 * self.scale]
+        pqf = set(range(0, t, self.cfg.pqf_period) if pqfs is None else pqfs)
+        if self.cfg.is_low_res_input:
+            lqs_flow = lqs
+        else:
+            lqs_flow = F.interpolate(lqs.view(-1, c, h, w), scale_factor=0.25, mode="bicubic").view(
+                n, t, c, h // 4, w // 4)
+        feats = self.feat_extract(lqs.view(-1, c, h, w))
+        feats = feats.view(n, t, -1, *feats.shape[-2:])
+        spatial = [feats[:, i] for i in range(t)]
+        flows_forward, flows_backward = self.compute_flow(lqs_flow)
+        done: list[list[torch.Tensor]] = []
+        for name in BRANCHES:
+            flows = flows_backward if name.startswith("backward") else flows_forward
+            done.append(self.propagate(spatial, done, flows, name, pqf))
+        outputs = []
+        for i in range(t):
+            hr = torch.cat([spatial[i]] + [d[i] for d in done], dim=1)
+            outputs.append(self.reconstruct(hr, lqs[:, i]))
+        out = torch.stack(outputs, dim=1)
+        return out[..., : h0 * self.scale, : w0 * self.scale]
+
+    def reconstruct(self, hr: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        hr = self.reconstruction(hr)
+        hr = F.leaky_relu(self.upsample1(hr), 0.1)
+        hr = F.leaky_relu(self.upsample2(hr), 0.1)
+        hr = F.leaky_relu(self.conv_hr(hr), 0.1)
+        hr = self.conv_last(hr)
+        if self.cfg.is_low_res_input:
+            base = F.interpolate(lq, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        else:
+            base = lq
+        return hr + base
+
+
+register_model("basicvsrpp_c64n7_x4", "basicvsrpp", mid_channels=64, num_blocks=7, is_low_res_input=True, scale=4)
+register_model("basicvsrpp_c64n7_x2", "basicvsrpp", mid_channels=64, num_blocks=7, is_low_res_input=True, scale=2)
+register_model("basicvsrpp_c64n7_x1", "basicvsrpp", mid_channels=64, num_blocks=7, is_low_res_input=False,
+               scale=1)
+register_model("basicvsrpp_c128n25_x1", "basicvsrpp", mid_channels=128, num_blocks=25, is_low_res_input=False,
+               scale=1)
+register_model("basicvsrpp_c128n25_x1_pqf", "basicvsrpp", mid_channels=128, num_blocks=25,
+               is_low_res_input=False, scale=1, pqf_propagation=True)
+register_model("basicvsrpp_c128n25_x4_pqf", "basicvsrpp", mid_channels=128, num_blocks=25,
+               is_low_res_input=True, scale=4, pqf_propagation=True)
+register_model("basicvsrpp_c32n4_x1_pqf", "basicvsrpp", mid_channels=32, num_blocks=4, is_low_res_input=False,
+               scale=1, pqf_propagation=True)
+register_model("basicvsrpp_c32n4_x4_pqf", "basicvsrpp", mid_channels=32, num_blocks=4, is_low_res_input=True,
+               scale=4, pqf_propagation=True)
+register_model("basicvsrpp_c16n2_x1", "basicvsrpp", mid_channels=16, num_blocks=2, is_low_res_input=False,
+               scale=1)
+register_model("basicvsrpp_c16n2_x4", "basicvsrpp", mid_channels=16, num_blocks=2, is_low_res_input=True, scale=4)

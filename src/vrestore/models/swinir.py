@@ -1,0 +1,313 @@
+"""SwinIR (Liang et al., 2021): residual Swin transformer groups for image restoration.
+
+Parameter and buffer names follow the released SwinIR files (KAIR's layout),
+so published weights load unchanged. Differences in how, not what: attention
+runs through ``scaled_dot_product_attention`` and each Swin block processes
+its windows in chunks (norm, attention and MLP are all window-local once the
+cyclic shift is applied), so memory stays bounded for large frames without
+tiling; shift masks are computed for the actual input size and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register_arch, register_model
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws*ws, C)"""
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, b: int, h: int, w: int) -> torch.Tensor:
+    c = windows.shape[-1]
+    x = windows.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+def shift_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+    """(nW, N, N) additive mask (0 / -100) separating regions that the cyclic
+    shift brought together."""
+    img = torch.zeros(1, h, w, 1)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = cnt
+            cnt += 1
+    mw = window_partition(img, ws).squeeze(-1)
+    m = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, ws: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.ws = ws
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(ws), persistent=True)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def bias(self) -> torch.Tensor:
+        n = self.ws * self.ws
+        idx = self.relative_position_index.view(-1)
+        return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int) -> torch.Tensor:
+        """x (B*nW, N, C) with windows of each image contiguous; mask (nW, N, N)."""
+        bw, n, c = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn_bias = self.bias().to(q.dtype).unsqueeze(0)  # (1, h, N, N)
+        if mask is not None:
+            attn_bias = (attn_bias + mask.to(q.dtype).unsqueeze(1)).repeat(bw // n_windows, 1, 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class SwinTransformerBlock(nn.Module):
+    #: windows processed at once; bounds the attention and MLP memory of a block
+    chunk_windows = 4096
+
+    def __init__(self, dim: int, num_heads: int, ws: int, shift: int, mlp_ratio: float):
+        super().__init__()
+        self.ws, self.shift = ws, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, ws, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        if not self.shift:
+            return None
+        key = (h, w)
+        if key not in self._masks or self._masks[key].device != device:
+            self._masks = {key: shift_mask(h, w, self.ws, self.shift).to(device)}
+        return self._masks[key]
+
+    def _window_chunk(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, n_windows)
+        return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        h, w = hw
+        b, _, c = x.shape
+        ws = self.ws
+        x = x.view(b, h, w, c)
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        win = window_partition(x, ws)  # (b*nW, N, C)
+        nw = (h // ws) * (w // ws)
+        mask = self._mask(h, w, x.device)
+        step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
+        if step is not None:  # whole images per chunk
+            outs = [self._window_chunk(win[i: i + step], mask, nw) for i in range(0, win.shape[0], step)]
+        else:  # large image: chunks of windows within one image
+            outs = []
+            for img in range(b):
+                for i in range(0, nw, self.chunk_windows):
+                    j = min(i + self.chunk_windows, nw)
+                    m = None if mask is None else mask[i:j]
+                    outs.append(self._window_chunk(win[img * nw + i: img * nw + j], m, j - i))
+        win = torch.cat(outs) if len(outs) > 1 else outs[0]
+        x = window_reverse(win, ws, b, h, w)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        return x.reshape(b, h * w, c)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Released files carry ``attn_mask`` computed for their training size;
+        # we recompute masks for each input size, so the buffer is accepted and
+        # checked against our own computation when its size is known.
+        key = prefix + "attn_mask"
+        if key in state_dict:
+            given = state_dict.pop(key)
+            if self.shift and given.dim() == 3:
+                side = int(round(given.shape[0] ** 0.5)) * self.ws
+                ours = shift_mask(side, side, self.ws, self.shift)
+                if ours.shape != given.shape or not torch.equal(ours, given.to(ours.dtype)):
+                    raise ValueError(f"{key}: attention mask does not match this architecture")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class RSTB(nn.Module):
+    """Residual Swin transformer group: blocks, a conv, and a long skip."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, ws: int, mlp_ratio: float, resi_connection: str):
+        super().__init__()
+        self.residual_group = nn.Module()
+        self.residual_group.blocks = nn.ModuleList([
+            SwinTransformerBlock(dim, num_heads, ws, 0 if i % 2 == 0 else ws // 2, mlp_ratio) for i in range(depth)])
+        if resi_connection == "1conv":
+            self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        elif resi_connection == "3conv":
+            self.conv = nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, True),
+                                      nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, True),
+                                      nn.Conv2d(dim // 4, dim, 3, 1, 1))
+        else:
+            raise ValueError(f"resi_connection must be 1conv or 3conv, got {resi_connection!r}")
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        y = x
+        for blk in self.residual_group.blocks:
+            y = blk(y, hw)
+        b, _, c = y.shape
+        y = y.transpose(1, 2).reshape(b, c, *hw)
+        return self.conv(y).flatten(2).transpose(1, 2) + x
+
+
+@dataclass
+class SwinIRConfig:
+    upscale: int = 1
+    in_chans: int = 3
+    img_size: int = 128
+    window_size: int = 8
+    img_range: float = 1.0
+    depths: list[int] = field(default_factory=lambda: [6, 6, 6, 6, 6, 6])
+    embed_dim: int = 180
+    num_heads: list[int] = field(default_factory=lambda: [6, 6, 6, 6, 6, 6])
+    mlp_ratio: float = 2.0
+    upsampler: str = ""
+    resi_connection: str = "1conv"
+    patch_norm: bool = True
+    num_feat: int = 64
+
+
+@register_arch("swinir")
+class SwinIR(nn.Module):
+    """Input (N, 3, H, W) in [0, 1] -> (N, 3, sH, sW); any H, W (reflect-padded
+    to a multiple of the window and cropped back)."""
+
+    task = "image"
+
+    def __init__(self, cfg: SwinIRConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, d = cfg.in_chans, cfg.embed_dim
+        mean = RGB_MEAN if c == 3 else (0.0,) * c
+        self.register_buffer("mean", torch.tensor(mean).view(1, c, 1, 1), persistent=False)
+        self.conv_first = nn.Conv2d(c, d, 3, 1, 1)
+        self.patch_embed = nn.Module()
+        self.patch_embed.norm = nn.LayerNorm(d) if cfg.patch_norm else nn.Identity()
+        ws = cfg.window_size
+        if cfg.img_size <= ws:
+            raise ValueError("img_size must exceed window_size")
+        self.layers = nn.ModuleList([RSTB(d, dep, h, ws, cfg.mlp_ratio, cfg.resi_connection)
+                                     for dep, h in zip(cfg.depths, cfg.num_heads, strict=True)])
+        self.norm = nn.LayerNorm(d)
+        if cfg.resi_connection == "1conv":
+            self.conv_after_body = nn.Conv2d(d, d, 3, 1, 1)
+        else:
+            self.conv_after_body = nn.Sequential(nn.Conv2d(d, d // 4, 3, 1, 1), nn.LeakyReLU(0.2, True),
+                                                 nn.Conv2d(d // 4, d // 4, 1, 1, 0), nn.LeakyReLU(0.2, True),
+                                                 nn.Conv2d(d // 4, d, 3, 1, 1))
+        nf = cfg.num_feat
+        if cfg.upsampler == "pixelshuffle":
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(d, nf, 3, 1, 1), nn.LeakyReLU(inplace=True))
+            layers: list[nn.Module] = []
+            if cfg.upscale in (2, 4, 8):
+                for _ in range(cfg.upscale.bit_length() - 1):
+                    layers += [nn.Conv2d(nf, 4 * nf, 3, 1, 1), nn.PixelShuffle(2)]
+            elif cfg.upscale == 3:
+                layers += [nn.Conv2d(nf, 9 * nf, 3, 1, 1), nn.PixelShuffle(3)]
+            else:
+                raise ValueError(f"unsupported upscale {cfg.upscale}")
+            self.upsample = nn.Sequential(*layers)
+            self.conv_last = nn.Conv2d(nf, c, 3, 1, 1)
+        elif cfg.upsampler == "pixelshuffledirect":
+            self.upsample = nn.Sequential(nn.Conv2d(d, cfg.upscale**2 * c, 3, 1, 1), nn.PixelShuffle(cfg.upscale))
+        elif cfg.upsampler == "":
+            if cfg.upscale != 1:
+                raise ValueError("upsampler '' (restoration) has upscale 1")
+            self.conv_last = nn.Conv2d(d, c, 3, 1, 1)
+        else:
+            raise ValueError(f"unsupported upsampler {cfg.upsampler!r}")
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> SwinIR:
+        return cls(SwinIRConfig(**cfg))
+
+    def config(self) -> dict:
+        return asdict(self.cfg)
+
+    @property
+    def scale(self) -> int:
+        return self.cfg.upscale
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        for layer in self.layers:
+            y = layer(y, (h, w))
+        y = self.norm(y)
+        return y.transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ws = self.cfg.window_size
+        ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        mean = self.mean.to(x.dtype)
+        x = (x - mean) * self.cfg.img_range
+        if self.cfg.upsampler == "pixelshuffle":
+            x = self.conv_first(x)
+            x = self.conv_after_body(self.forward_features(x)) + x
+            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        elif self.cfg.upsampler == "pixelshuffledirect":
+            x = self.conv_first(x)
+            x = self.upsample(self.conv_after_body(self.forward_features(x)) + x)
+        else:
+            first = self.conv_first(x)
+            res = self.conv_after_body(self.forward_features(first)) + first
+            x = x + self.conv_last(res)
+        x = x / self.cfg.img_range + mean
+        s = self.cfg.upscale
+        return x[..., : h * s, : w * s]
+
+
+register_model("swinir_m_color_dn", "swinir", embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8,
+               mlp_ratio=2.0, img_size=128)
+register_model("swinir_s_color_dn", "swinir", embed_dim=60, depths=[4] * 4, num_heads=[6] * 4, window_size=8,
+               mlp_ratio=2.0, img_size=64)
+register_model("swinir_t_color_dn", "swinir", embed_dim=32, depths=[2, 2], num_heads=[4, 4], window_size=8,
+               mlp_ratio=2.0, img_size=64)
+register_model("swinir_e24_color_dn", "swinir", embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=8,
+               mlp_ratio=2.0, img_size=64)
