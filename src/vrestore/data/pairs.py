@@ -1,0 +1,169 @@
+"""Training samples: random temporal windows and aligned crops of prepared
+pairs (``vrestore prepare``), still-image denoising patches, and cached
+stage-1 outputs for stage 2.
+
+Samples are drawn from a generator seeded by (seed, iteration), so a resumed
+run sees exactly the batches it would have seen without the interruption.
+Frames are decoded once, up front, into memory (uint8).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import VrestoreError
+
+
+def _read_all(path: Path) -> np.ndarray:
+    from ..video.io import VideoReader
+
+    frames = [f.rgb for f in VideoReader(path)]
+    if not frames:
+        raise VrestoreError(f"{path}: no frames")
+    return np.stack(frames)
+
+
+@dataclass
+class Clip:
+    name: str
+    lq: np.ndarray  # (T, h, w, 3) uint8
+    gt: np.ndarray  # (T, H, W, 3) uint8
+    pqfs: set[int]
+    keep: np.ndarray  # indices kept after duplicate removal
+
+
+def augment(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Same random h/v flip and transpose for every array (..., H, W, C)."""
+    hflip, vflip, transpose = rng.random(3) < 0.5
+    out = []
+    for a in arrays:
+        if hflip:
+            a = a[..., :, ::-1, :]
+        if vflip:
+            a = a[..., ::-1, :, :]
+        if transpose:
+            a = np.swapaxes(a, -3, -2)
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]."""
+    t = torch.from_numpy(a).float().div_(255.0)
+    return t.movedim(-1, -3)
+
+
+class PairedClips:
+    """Windows of ``clip_len`` frames from a prepared data set folder."""
+
+    def __init__(self, root: str | Path, clip_len: int, patch: int, *, subset: list[str] | None = None,
+                 dedup: bool = False, max_frames: int | None = None):
+        root = Path(root)
+        meta_path = root / "meta.json"
+        if not meta_path.exists():
+            raise VrestoreError(f"{root}: no meta.json; build the data set with `vrestore prepare`")
+        meta = json.loads(meta_path.read_text())
+        self.scale = int(meta["scale"])
+        self.clip_len, self.patch = clip_len, patch
+        self.clips: list[Clip] = []
+        for name, c in sorted(meta["clips"].items()):
+            if subset and name not in subset:
+                continue
+            lq, gt = _read_all(root / c["lq"]), _read_all(root / c["gt"])
+            if max_frames:
+                lq, gt = lq[:max_frames], gt[:max_frames]
+            n = min(len(lq), len(gt))
+            lq, gt = lq[:n], gt[:n]
+            keep = np.arange(n)
+            if dedup:
+                same = np.array([False] + [np.array_equal(lq[i], lq[i - 1]) for i in range(1, n)])
+                keep = np.nonzero(~same)[0]
+            if len(keep) < clip_len:
+                continue
+            self.clips.append(Clip(name, lq, gt, set(c["pqfs"]), keep))
+        if not self.clips:
+            raise VrestoreError(f"{root}: no clip has {clip_len} frames{' in subset ' + str(subset) if subset else ''}")
+        weights = np.array([len(c.keep) for c in self.clips], np.float64)
+        self.weights = weights / weights.sum()
+
+    def sample(self, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(lq (B, T, 3, h, w), gt (B, T, 3, H, W), pqfs of the window). All
+        windows of a batch share the PQF phase so one PQF list serves all."""
+        T, s, p = self.clip_len, self.scale, self.patch
+        phase = int(rng.integers(0, 4))
+        lqs, gts = [], []
+        pqfs: list[int] = []
+        for _ in range(batch):
+            c = self.clips[int(rng.choice(len(self.clips), p=self.weights))]
+            starts = [i for i in range(len(c.keep) - T + 1) if c.keep[i] % 4 == phase] or \
+                list(range(len(c.keep) - T + 1))
+            i0 = starts[int(rng.integers(0, len(starts)))]
+            idx = c.keep[i0: i0 + T]
+            pqfs = [j for j, k in enumerate(idx) if k in c.pqfs]
+            h, w = c.lq.shape[1:3]
+            lp = p // s
+            if h < lp or w < lp:
+                raise VrestoreError(f"clip {c.name} ({w}x{h}) is smaller than the LQ patch {lp}")
+            y, x = int(rng.integers(0, h - lp + 1)), int(rng.integers(0, w - lp + 1))
+            lq = c.lq[idx, y: y + lp, x: x + lp]
+            gt = c.gt[idx, y * s: (y + lp) * s, x * s: (x + lp) * s]
+            lq, gt = augment([lq, gt], rng)
+            lqs.append(lq)
+            gts.append(gt)
+        return to_tensor(np.stack(lqs)), to_tensor(np.stack(gts)), pqfs
+
+    def validation_clips(self, max_frames: int) -> list[tuple[str, np.ndarray, np.ndarray, list[int]]]:
+        return [(c.name, c.lq[:max_frames], c.gt[:max_frames], sorted(p for p in c.pqfs if p < max_frames))
+                for c in self.clips]
+
+
+class NoisyStills:
+    """Stage-2 pre-training: clean photograph patches with Gaussian noise
+    (sigma in [sigma_min, sigma_max] / 255), as SwinIR's denoising task."""
+
+    def __init__(self, patch: int, sigma: tuple[float, float] = (5.0, 50.0)):
+        from .sources import PHOTOS, photo
+
+        self.images = [photo(n) for n in PHOTOS]
+        self.patch, self.sigma = patch, sigma
+
+    def sample(self, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.patch
+        gts = []
+        for _ in range(batch):
+            img = self.images[int(rng.integers(0, len(self.images)))]
+            y, x = int(rng.integers(0, img.shape[0] - p + 1)), int(rng.integers(0, img.shape[1] - p + 1))
+            gts.append(augment([img[y: y + p, x: x + p]], rng)[0])
+        gt = to_tensor(np.stack(gts))
+        sig = torch.from_numpy(rng.uniform(*self.sigma, size=(batch, 1, 1, 1))).float() / 255.0
+        noise = torch.from_numpy(rng.standard_normal(gt.shape)).float()
+        return gt + sig * noise, gt
+
+
+class FramePairs:
+    """Stage-2 fine-tuning: (stage-1 output, GT) frames, cached in a .npz."""
+
+    def __init__(self, cache: str | Path, patch: int):
+        d = np.load(cache)
+        n = len([k for k in d.files if k.startswith("input_")])
+        self.inp = [d[f"input_{k}"] for k in range(n)]
+        self.gt = [d[f"gt_{k}"] for k in range(n)]
+        self.index = [(k, t) for k in range(n) for t in range(len(self.inp[k]))]
+        self.patch = patch
+
+    def sample(self, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.patch
+        xs, gs = [], []
+        for _ in range(batch):
+            k, t = self.index[int(rng.integers(0, len(self.index)))]
+            h, w = self.inp[k].shape[1:3]
+            y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+            a, b = augment([self.inp[k][t, y: y + p, x: x + p], self.gt[k][t, y: y + p, x: x + p]], rng)
+            xs.append(a)
+            gs.append(b)
+        return to_tensor(np.stack(xs)), to_tensor(np.stack(gs))

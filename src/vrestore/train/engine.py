@@ -1,0 +1,351 @@
+"""The training engine: one recipe, several steps (progressive growth, loss
+changes, data subsets), resumable at any moment.
+
+A recipe (YAML under ``configs/``) names the model, the data, the optimiser
+and a list of ``steps``; each step trains a number of iterations with its own
+loss, learning rate and warm-up + cosine schedule, after optionally growing
+the reconstruction trunk. Batches come from a generator seeded by the global
+iteration, and the learning rate is a pure function of the iteration, so a run
+killed at any point and resumed from its last checkpoint continues with
+exactly the state it would have had.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..errors import VrestoreError
+from ..infer import device as devmod
+
+log = logging.getLogger(__name__)
+
+
+def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    return torch.sqrt((x - y) ** 2 + eps * eps).mean()
+
+
+LOSSES = {"charbonnier": charbonnier, "mse": F.mse_loss, "l1": F.l1_loss}
+
+
+def lr_factor(it: int, total: int, warmup: float, restarts: int, floor: float = 0.01) -> float:
+    """Linear warm-up over ``warmup`` of the step, then cosine (with
+    ``restarts`` equal periods) down to ``floor``."""
+    w = int(round(warmup * total))
+    if it < w:
+        return (it + 1) / w
+    rest = max(1, total - w)
+    period = rest / max(1, restarts)
+    pos = ((it - w) % period) / period
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * pos))
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
+    path = Path(path)
+    if not path.exists():
+        raise VrestoreError(f"{path}: no such recipe")
+    try:
+        cfg = OmegaConf.load(path)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # omegaconf raises many types for malformed YAML/overrides
+        raise VrestoreError(f"{path}: {e}") from None
+    for key in ("name", "model", "steps"):
+        if key not in cfg:
+            raise VrestoreError(f"{path}: recipe lacks '{key}'")
+    return cfg
+
+
+class Trainer:
+    """Runs a recipe; ``run()`` trains every step, checkpoints to
+    ``out/checkpoints/last.pt`` and exports ``out/final.safetensors``."""
+
+    def __init__(self, cfg: DictConfig, resume: bool = False, device: str = "auto", dtype: str = "auto"):
+        self.cfg = cfg
+        self.out = Path(cfg.get("out", f"runs/{cfg.name}"))
+        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.precision = devmod.select(cfg.get("device", device), cfg.get("dtype", dtype))
+        self.seed = int(cfg.get("seed", 0))
+        self.state = {"global_iter": 0, "step_idx": 0, "iter_in_step": 0, "lr_scale": 1.0, "best_psnr": -1.0}
+        self.model = self._build_model().to(self.precision.device)
+        self.ema: nn.Module | None = None
+        self.optim: torch.optim.Optimizer | None = None
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._datasets: dict[str, Any] = {}
+        last = self.ckpt_dir / "last.pt"
+        if resume and last.exists():
+            self._load_checkpoint(last)
+        elif resume:
+            log.warning("no checkpoint in %s; starting from scratch", self.ckpt_dir)
+        OmegaConf.save(cfg, self.out / "recipe.yaml")
+
+    # -- model -------------------------------------------------------------
+    def _build_model(self) -> nn.Module:
+        from ..models import build, load
+
+        m = dict(self.cfg.model)
+        init = m.pop("init", None)
+        name = m.pop("name", None) or m.pop("arch", None)
+        if init:
+            model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
+        else:
+            torch.manual_seed(self.seed)
+            model = build(name, **m)
+        return model.train()
+
+    def _param_groups(self, lr: float, spynet_mult: float) -> list[dict]:
+        spy = [p for n, p in self.model.named_parameters() if n.startswith("spynet.")]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("spynet.")]
+        groups = [{"params": rest, "lr": lr, "lr_mult": 1.0}]
+        if spy:
+            groups.append({"params": spy, "lr": lr * spynet_mult, "lr_mult": spynet_mult})
+        return groups
+
+    def _make_optimizer(self, step: DictConfig) -> None:
+        o = self.cfg.get("optim", {})
+        lr = float(step.get("lr", o.get("lr", 1e-4)))
+        betas = tuple(o.get("betas", (0.9, 0.99)))
+        self.optim = torch.optim.Adam(self._param_groups(lr, float(o.get("spynet_lr_mult", 0.25))), lr=lr,
+                                      betas=betas, weight_decay=float(o.get("weight_decay", 0.0)))
+        for g in self.optim.param_groups:
+            g["base_lr"] = lr * g["lr_mult"]
+
+    # -- data --------------------------------------------------------------
+    def _dataset(self, step: DictConfig):
+        from ..data.pairs import FramePairs, NoisyStills, PairedClips
+
+        d = self.cfg.data
+        kind = step.get("data", d.get("kind", "pairs"))
+        subset = step.get("subset", None)
+        key = f"{kind}:{subset}"
+        if key not in self._datasets:
+            if kind == "pairs":
+                self._datasets[key] = PairedClips(d.train, int(d.clip_len), int(d.patch),
+                                                  subset=list(subset) if subset else None,
+                                                  dedup=bool(d.get("dedup", False)))
+            elif kind == "noisy_stills":
+                self._datasets[key] = NoisyStills(int(d.patch), tuple(d.get("sigma", (5.0, 50.0))))
+            elif kind == "stage1_cache":
+                self._datasets[key] = FramePairs(self._stage1_cache(), int(d.patch))
+            else:
+                raise VrestoreError(f"unknown data kind {kind!r}")
+        return self._datasets[key]
+
+    def _stage1_cache(self) -> Path:
+        """Run the stage-1 model once over the training clips and cache
+        (output, GT) frames for stage-2 fine-tuning."""
+        from ..data.pairs import PairedClips
+        from ..infer.restorer import Restorer
+
+        d = self.cfg.data
+        cache = self.out / "stage1_cache.npz"
+        if cache.exists():
+            return cache
+        clips = PairedClips(d.train, 2, 2, dedup=False)
+        r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
+        arrays = {}
+        for k, c in enumerate(clips.clips):
+            n = int(d.get("cache_frames", len(c.lq)))
+            arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
+            arrays[f"gt_{k}"] = c.gt[:n]
+            log.info("stage-1 cache: %s (%d frames)", c.name, n)
+        tmp = cache.with_name(".stage1_cache.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache)
+        return cache
+
+    # -- checkpoints -------------------------------------------------------
+    def _rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+                "python": list(random.getstate()[1])}
+
+    def save_checkpoint(self, name: str = "last.pt") -> Path:
+        ck = {"model": self.model.state_dict(), "model_config": json.dumps(self.model.config()),
+              "model_arch": self.model.arch_name, "state": dict(self.state),
+              "optim": self.optim.state_dict() if self.optim else None,
+              "ema": self.ema.state_dict() if self.ema is not None else None, "rng": self._rng_state()}
+        path = self.ckpt_dir / name
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        torch.save(ck, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from ..models.registry import ARCHITECTURES
+
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+            raise VrestoreError(f"{path}: unreadable checkpoint ({e})") from None
+        cfg = json.loads(ck["model_config"])
+        self.model = ARCHITECTURES[ck["model_arch"]].from_config(cfg).to(self.precision.device).train()
+        self.model.load_state_dict(ck["model"])
+        self.state.update(ck["state"])
+        if ck.get("ema") is not None:
+            self.ema = copy.deepcopy(self.model).eval()
+            self.ema.load_state_dict(ck["ema"])
+        if ck.get("optim") is not None:
+            step = self.cfg.steps[self.state["step_idx"]]
+            self._make_optimizer(step)
+            self.optim.load_state_dict(ck["optim"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        log.info("resumed from %s at iteration %d", path, self.state["global_iter"])
+
+    # -- validation ----------------------------------------------------------
+    def validate(self) -> float | None:
+        from ..data.pairs import PairedClips, to_tensor
+        from ..metrics import psnr
+
+        v = self.cfg.get("val")
+        if not v or not v.get("data"):
+            return None
+        key = "val"
+        if key not in self._datasets:
+            self._datasets[key] = PairedClips(v.data, 2, 2)
+        model = (self.ema or self.model).eval()
+        scores = []
+        is_video = hasattr(model, "propagate")
+        with torch.inference_mode(), self.precision.autocast():
+            for _name, lq, gt, pqfs in self._datasets[key].validation_clips(int(v.get("max_frames", 20))):
+                x = to_tensor(lq).to(self.precision.device)
+                y = model(x.unsqueeze(0), pqfs=pqfs)[0] if is_video else \
+                    torch.cat([model(x[i: i + 1]) for i in range(len(x))])
+                out = (y.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                ps = [psnr(o, g) for o, g in zip(out, gt, strict=True)]
+                scores.append(float(np.mean([p for p in ps if np.isfinite(p)])))
+        self.model.train()
+        return float(np.mean(scores))
+
+    # -- the loop ------------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def run(self, progress=None) -> Path:
+        steps = list(self.cfg.steps)
+        while self.state["step_idx"] < len(steps):
+            self._run_step(steps[self.state["step_idx"]], progress)
+            self.state["step_idx"] += 1
+            self.state["iter_in_step"] = 0
+            self.optim = None
+            self.save_checkpoint()
+        from ..models import save
+
+        final = save(self.ema or self.model, self.out / "final.safetensors",
+                     {"recipe": self.cfg.name, "iterations": str(self.state["global_iter"])})
+        return final
+
+    def _run_step(self, step: DictConfig, progress) -> None:
+        o = self.cfg.get("optim", {})
+        total = int(step.iters)
+        if self.state["iter_in_step"] == 0:
+            grow = int(step.get("grow", 0))
+            if grow:
+                self.model.grow(grow)
+                if self.ema is not None:
+                    self.ema.grow(grow)
+                log.info("grew the reconstruction trunk by %d blocks", grow)
+        if self.optim is None:
+            self._make_optimizer(step)
+        if self.ema is None and float(o.get("ema", 0)) > 0:
+            self.ema = copy.deepcopy(self.model).eval()
+        ema_decay = float(o.get("ema", 0))
+        loss_fn = LOSSES[step.get("loss", "charbonnier")]
+        data = self._dataset(step)
+        batch = int(step.get("batch", self.cfg.data.get("batch", 4)))
+        warmup, restarts = float(step.get("warmup", o.get("warmup", 0.1))), int(step.get("restarts", 1))
+        freeze = int(o.get("spynet_freeze", 0))
+        clip = float(o.get("grad_clip", 0) or 0)
+        ckpt_every = int(self.cfg.get("checkpoint_every", 100))
+        val_every = int(self.cfg.get("val", {}).get("every", 0) or 0)
+        is_video = hasattr(self.model, "propagate")
+        bad = 0
+        t_last = time.perf_counter()
+        name = step.get("name", f"step{self.state['step_idx']}")
+        task = progress.add_task(name, total=total, rate="") if progress else None
+        while self.state["iter_in_step"] < total:
+            it, g = self.state["iter_in_step"], self.state["global_iter"]
+            rng = np.random.default_rng([self.seed, g])
+            factor = lr_factor(it, total, warmup, restarts) * self.state["lr_scale"]
+            for grp in self.optim.param_groups:
+                grp["lr"] = grp["base_lr"] * factor
+            frozen = g < freeze
+            if is_video:
+                for p in self.model.spynet.parameters():
+                    p.requires_grad_(not frozen)
+                lq, gt, pqfs = data.sample(batch, rng)
+            else:
+                lq, gt = data.sample(batch, rng)
+            lq, gt = lq.to(self.precision.device), gt.to(self.precision.device)
+            if self.precision.channels_last and lq.dim() == 4:
+                lq = lq.contiguous(memory_format=torch.channels_last)
+            with self.precision.autocast():
+                out = self.model(lq, pqfs=pqfs) if is_video else self.model(lq)
+            loss = loss_fn(out.float(), gt)
+            self.optim.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+                finite = bool(torch.isfinite(norm))
+            if not finite:
+                bad += 1
+                self.optim.zero_grad(set_to_none=True)
+                self._log({"iter": g, "event": "non-finite loss or gradient; step skipped"})
+                if bad >= 3:
+                    self._recover()
+                    bad = 0
+                self.state["global_iter"] += 1
+                self.state["iter_in_step"] += 1
+                continue
+            bad = 0
+            self.optim.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                        pe.lerp_(pm, 1 - ema_decay)
+            self.state["global_iter"] += 1
+            self.state["iter_in_step"] += 1
+            g += 1
+            now = time.perf_counter()
+            rec = {"iter": g, "step": name, "loss": float(loss), "lr": self.optim.param_groups[0]["lr"],
+                   "sec": now - t_last}
+            t_last = now
+            if val_every and g % val_every == 0:
+                rec["val_psnr"] = self.validate()
+                if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
+                    self.state["best_psnr"] = rec["val_psnr"]
+                    self.save_checkpoint("best.pt")
+            self._log(rec)
+            if g % ckpt_every == 0:
+                self.save_checkpoint()
+            if progress is not None:
+                progress.update(task, completed=self.state["iter_in_step"],
+                                rate=f"loss {float(loss):.4f} {1 / max(rec['sec'], 1e-9):.2f} it/s")
+
+    def _recover(self) -> None:
+        """Repeated non-finite steps: reload the last good checkpoint and halve the learning rate."""
+        last = self.ckpt_dir / "last.pt"
+        scale = self.state["lr_scale"] * 0.5
+        if last.exists():
+            self._load_checkpoint(last)
+        self.state["lr_scale"] = scale
+        self._log({"iter": self.state["global_iter"], "event": f"recovered from {last}; lr scale {scale}"})
+        log.warning("training diverged; reloaded %s with learning-rate scale %.3g", last, scale)
