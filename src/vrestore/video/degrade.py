@@ -59,11 +59,11 @@ def detect_pqfs(sizes: list[int], period: int = PQF_PERIOD, min_ratio: float = 1
         sel = idx % period == phase
         wins = 0
         total = 0
-        for k in np.nonzero(sel)[0]:  # each candidate must beat its GOP neighbours
-            lo, hi = max(0, k - period // 2), min(len(s), k + period // 2 + 1)
-            neigh = np.delete(s[lo:hi], k - lo)
-            total += 1
-            wins += bool(len(neigh)) and s[k] > neigh.max()
+        for k in np.nonzero(sel)[0]:  # each candidate must beat the rest of its GOP (the frames before it)
+            neigh = s[max(0, k - period + 1): k]
+            if len(neigh):
+                total += 1
+                wins += bool(s[k] > neigh.max())
         ratio = s[sel].mean() / max(1.0, s[~sel].mean())
         if wins >= 0.8 * total and ratio > best_ratio:
             best, best_ratio = phase, ratio

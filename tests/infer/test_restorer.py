@@ -1,0 +1,123 @@
+import av
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vrestore.errors import VrestoreError
+from vrestore.infer.restorer import Restorer, tta_forward, tta_inverse
+from vrestore.metrics import psnr
+from vrestore.models import build, save
+from vrestore.video.io import VideoReader, probe
+
+
+def _random_model(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = build(name, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+def _fp32(*a, **kw):
+    return Restorer(*a, device="cpu", dtype="fp32", **kw)
+
+
+def test_tta_is_the_average_of_the_eight_transformed_runs(small_frames):
+    s1 = _random_model("basicvsrpp_c16n2_x4")
+    s2 = _random_model("swinir_e24_color_dn", seed=1)
+    clip = torch.from_numpy(small_frames[:3, :32, :32]).permute(0, 3, 1, 2).float() / 255
+    r = _fp32(s1, s2, tta=True)
+    got = r.run_clip(clip)
+    manual = []
+    with torch.no_grad():
+        for k in range(8):
+            x = tta_forward(clip, k)
+            y = s1(x.unsqueeze(0))[0]
+            y = torch.cat([s2(y[i: i + 1]) for i in range(len(y))])
+            manual.append(tta_inverse(y, k))
+    assert torch.allclose(got, torch.stack(manual).mean(0), atol=1e-5)
+    for k in range(8):
+        assert torch.equal(tta_inverse(tta_forward(clip, k), k), clip)
+
+
+class _Blur(nn.Module):
+    """An equivariant toy model (isotropic 3x3 blur), same API as stage 1."""
+
+    scale = 1
+
+    def forward(self, x, pqfs=None):
+        n, t, c, h, w = x.shape
+        k = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16
+        y = nn.functional.conv2d(nn.functional.pad(x.reshape(-1, 1, h, w), (1, 1, 1, 1), mode="replicate"),
+                                 k.view(1, 1, 3, 3))
+        return y.view(n, t, c, h, w)
+
+
+def test_tta_leaves_an_equivariant_model_unchanged(small_frames):
+    clip = torch.from_numpy(small_frames[:2]).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(_fp32(_Blur(), tta=True).run_clip(clip), _fp32(_Blur()).run_clip(clip), atol=1e-6)
+
+
+def test_ensemble_averages_stage1_outputs(small_frames):
+    a, b = _random_model("basicvsrpp_c16n2_x4", 0), _random_model("basicvsrpp_c16n2_x4", 1)
+    clip = torch.from_numpy(small_frames[:2, :24, :24]).permute(0, 3, 1, 2).float() / 255
+    ens = _fp32([a, b]).run_clip(clip)
+    avg = (_fp32(a).run_clip(clip) + _fp32(b).run_clip(clip)) / 2
+    assert torch.allclose(ens, avg, atol=1e-6)
+    with pytest.raises(VrestoreError, match="different scales"):
+        _fp32([a, _random_model("basicvsrpp_c16n2_x1")])
+
+
+def test_chunked_stream_matches_whole_sequence(small_frames):
+    m = _random_model("basicvsrpp_c16n2_x1")
+    frames = np.concatenate([small_frames, small_frames[::-1]])  # 24 real frames
+    whole = _fp32(m, chunk=100).restore_frames(frames)
+    chunked = _fp32(m, chunk=10, overlap=4).restore_frames(frames)
+    assert chunked.shape == whole.shape
+    per_frame = [psnr(a, b) for a, b in zip(whole, chunked, strict=True)]
+    assert min(per_frame) > 40, per_frame  # random weights; a trained model is measured in benchmarks/
+
+
+def test_spatial_tiles_match_untiled(small_frames):
+    m = _random_model("basicvsrpp_c16n2_x4")
+    clip = torch.from_numpy(small_frames[:3]).permute(0, 3, 1, 2).float() / 255
+    full = _fp32(m).run_clip(clip)
+    tiled = _fp32(m, tile=48, tile_overlap=24).run_clip(clip)
+    assert tiled.shape == full.shape
+    assert float((tiled - full).abs().mean()) < 2e-3
+
+
+def test_dedup_repeats_outputs(small_frames):
+    m = _random_model("basicvsrpp_c16n2_x1")
+    f = small_frames
+    clip = np.stack([f[0], f[1], f[1], f[1], f[2], f[3], f[3], f[4]])
+    out = _fp32(m, dedup=True, chunk=3, overlap=1).restore_frames(clip)
+    assert len(out) == 8
+    assert np.array_equal(out[1], out[2]) and np.array_equal(out[2], out[3]) and np.array_equal(out[5], out[6])
+    assert not np.array_equal(out[0], out[1])
+    plain = _fp32(m, chunk=100).restore_frames(np.stack([f[0], f[1], f[2], f[3], f[4]]))
+    assert psnr(out[4], plain[2]) > 40
+
+
+def test_restore_video_keeps_count_rate_colour_and_audio(tmp_path, bbb):
+    from vrestore.video.io import VideoWriter
+
+    src = tmp_path / "in.mkv"
+    r = VideoReader(bbb, max_frames=9)
+    with VideoWriter(src, fps=r.info.fps, time_base=r.info.time_base, codec="x264", colour=r.info.colour,
+                     audio_from=bbb) as w:
+        for fr in r:
+            w.write(np.ascontiguousarray(fr.rgb[::8, ::8]), fr.pts)
+    m = _random_model("basicvsrpp_c16n2_x4")
+    save(m, tmp_path / "m.safetensors")
+    rep = _fp32(str(tmp_path / "m.safetensors"), chunk=4, overlap=1).restore_video(src, tmp_path / "out.mkv")
+    a, b = probe(src), probe(tmp_path / "out.mkv")
+    assert rep.frames == 9 == sum(1 for _ in VideoReader(tmp_path / "out.mkv"))
+    assert (b.width, b.height) == (a.width * 4, a.height * 4)
+    assert b.fps == a.fps and b.colour.matrix == a.colour.matrix
+    with av.open(str(tmp_path / "out.mkv")) as c:
+        assert [s.type for s in c.streams] == ["video", "audio"]
+    with pytest.raises(VrestoreError, match="already exists"):
+        _fp32(m).restore_video(src, tmp_path / "out.mkv")

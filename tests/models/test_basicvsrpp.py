@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vrestore
+from vrestore.errors import VrestoreError
+from vrestore.models import build
+from vrestore.models.basicvsrpp import BasicVSRPlusPlus
+
+
+@pytest.mark.parametrize("name", ["basicvsrpp_c16n2_x4", "basicvsrpp_c16n2_x1"])
+def test_reference_vectors(reference_dir, name):
+    model = vrestore.load(reference_dir / f"{name}.pth")
+    io = np.load(reference_dir / f"{name}_io.npz")
+    manifest = json.loads((reference_dir / "MANIFEST.json").read_text())[name]["constructor"]
+    assert model.cfg.mid_channels == manifest["mid_channels"]
+    assert model.cfg.num_blocks == manifest["num_blocks"]
+    assert model.cfg.is_low_res_input == manifest["is_low_res_input"]
+    with torch.no_grad():
+        out = model(torch.from_numpy(io["input"]))
+    assert out.shape == io["output"].shape
+    assert float((out - torch.from_numpy(io["output"])).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["basicvsrpp_c64n7_x4", "basicvsrpp_c128n25_x1"])
+def test_full_size_published_layouts_load(reference_dir, tmp_path, layout):
+    spec = json.loads((reference_dir / "checkpoint_layouts.json").read_text())[layout]
+    g = torch.Generator().manual_seed(0)
+    sd = {f"generator.{k}": torch.randn(*shape, generator=g) * 0.01
+          for k, shape in {**spec["parameters"], **spec["buffers"]}.items()}
+    path = tmp_path / f"{layout}.pth"
+    torch.save({"state_dict": sd, "meta": {}}, path)
+    model = vrestore.load(path)
+    assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
+    cons = spec["constructor"]
+    assert (model.cfg.mid_channels, model.cfg.num_blocks, model.cfg.is_low_res_input) == \
+        (cons["mid_channels"], cons["num_blocks"], cons["is_low_res_input"])
+    x = torch.rand(1, 2, 3, 32, 32) if cons["is_low_res_input"] else torch.rand(1, 2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape[-1] == x.shape[-1] * model.scale and torch.isfinite(y).all()
+
+
+def _randomised(name, **kw):
+    torch.manual_seed(0)
+    m = build(name, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+def test_pqf_propagation_links_to_peak_quality_frames():
+    m = _randomised("basicvsrpp_c16n2_x1", pqf_propagation=True)
+    order = list(range(10))
+    assert [m._anchor(i, order, {0, 4, 8}) for i in range(2, 10)] == [0, 0, 0, 0, 4, 4, 4, 4]
+    # Backward: frames 9, 8, ...; the nearest PQF at least two steps back, else the frame two steps back.
+    back = order[::-1]
+    assert [back[m._anchor(i, back, {0, 4, 8})] for i in range(2, 10)] == [9, 8, 8, 8, 8, 4, 4, 4]
+    x = torch.rand(1, 9, 3, 64, 64)
+    with torch.no_grad():
+        pqf = m(x, pqfs=[0, 4, 8])
+        none = m(x, pqfs=[])  # no PQF known: plain second-order propagation
+    m.cfg.pqf_propagation = False
+    with torch.no_grad():
+        plain = m(x)
+    assert torch.allclose(none, plain, atol=1e-6)
+    assert float((pqf - plain).abs().max()) > 1e-4
+
+
+def test_growth_keeps_output_and_trains_new_blocks():
+    m = _randomised("basicvsrpp_c16n2_x1")
+    x = torch.rand(1, 3, 3, 64, 64)
+    with torch.no_grad():
+        before = m(x)
+    m.grow(5)
+    assert len(m.reconstruction.main[2]) == 10 and m.cfg.num_reconstruction_blocks == 10
+    with torch.no_grad():
+        after = m(x)
+    assert torch.equal(before, after)
+    m.train()
+    m(x).mean().backward()
+    new = m.reconstruction.main[2][-1]
+    assert new.conv2.weight.grad is not None and float(new.conv2.weight.grad.abs().sum()) > 0
+    reloaded = BasicVSRPlusPlus.from_config(m.config())
+    reloaded.load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("name,size,scale", [("basicvsrpp_c16n2_x1", (52, 70), 1),
+                                             ("basicvsrpp_c16n2_x4", (20, 30), 4),
+                                             ("basicvsrpp_c16n2_x4", (70, 66), 4)])
+def test_input_modes_pad_and_crop(name, size, scale):
+    m = _randomised(name)
+    x = torch.rand(1, 3, 3, *size)
+    with torch.no_grad():
+        y = m(x)
+        single = m(x[:, :1])
+    assert y.shape == (1, 3, 3, size[0] * scale, size[1] * scale)
+    assert single.shape == (1, 1, 3, size[0] * scale, size[1] * scale)
+
+
+def test_x2_variant_builds_and_round_trips(tmp_path):
+    m = _randomised("basicvsrpp_c16n2_x4", scale=2)
+    x = torch.rand(1, 2, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape[-1] == 128
+    vrestore.models.save(m, tmp_path / "x2.safetensors")
+    m2 = vrestore.load(tmp_path / "x2.safetensors")
+    with torch.no_grad():
+        assert torch.equal(m2(x), y)
+
+
+def test_mismatched_checkpoint_is_explained(tmp_path):
+    m = build("basicvsrpp_c16n2_x1")
+    sd = {f"generator.{k}": v for k, v in m.state_dict().items() if "reconstruction" not in k}
+    torch.save({"state_dict": sd}, tmp_path / "broken.pth")
+    with pytest.raises(VrestoreError, match="reconstruction|missing"):
+        vrestore.load(tmp_path / "broken.pth")

@@ -1,0 +1,58 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+import vrestore
+from vrestore.errors import VrestoreError
+from vrestore.models import build, save
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EVIL_MARK']}",))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARK", str(mark))
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"params": _Evil()}, fh)
+    torch.save({"state_dict": {"x": _Evil()}}, tmp_path / "evil2.pth")
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(VrestoreError, match="refused|not a readable"):
+            vrestore.load(p)
+    assert not mark.exists()
+
+
+def test_truncated_and_unknown_files(tmp_path):
+    m = build("swinir_e24_color_dn")
+    save(m, tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VrestoreError, match="not a readable safetensors"):
+        vrestore.load(tmp_path / "cut.safetensors")
+    torch.save({"state_dict": {"foo.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(VrestoreError, match="unknown checkpoint"):
+        vrestore.load(tmp_path / "other.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00\x01junk")
+    with pytest.raises(VrestoreError):
+        vrestore.load(tmp_path / "junk.pth")
+    with pytest.raises(VrestoreError, match="no such checkpoint"):
+        vrestore.load(tmp_path / "missing.pth")
+
+
+def test_convert_published_to_safetensors(reference_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from vrestore.cli import app
+
+    out = tmp_path / "c.safetensors"
+    r = CliRunner().invoke(app, ["convert", str(reference_dir / "basicvsrpp_c16n2_x4.pth"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    a, b = vrestore.load(reference_dir / "basicvsrpp_c16n2_x4.pth"), vrestore.load(out)
+    x = torch.rand(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))

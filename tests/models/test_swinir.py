@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vrestore
+from vrestore.models import build
+from vrestore.models.swinir import SwinTransformerBlock, shift_mask
+
+
+def test_reference_vector(reference_dir):
+    model = vrestore.load(reference_dir / "swinir_e24_color_dn.pth")
+    io = np.load(reference_dir / "swinir_e24_color_dn_io.npz")
+    cons = json.loads((reference_dir / "MANIFEST.json").read_text())["swinir_e24_color_dn"]["constructor"]
+    assert model.cfg.embed_dim == cons["embed_dim"] and model.cfg.depths == cons["depths"]
+    with torch.no_grad():
+        out = model(torch.from_numpy(io["input"]))
+    assert float((out - torch.from_numpy(io["output"])).abs().max()) < 1e-4
+
+
+def test_published_m_layout_builds_and_loads(reference_dir, tmp_path):
+    spec = json.loads((reference_dir / "checkpoint_layouts.json").read_text())["swinir_m_color_dn"]
+    model = build("swinir_m_color_dn")
+    assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"] == 11504163
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(*s, generator=g) * 0.02 for k, s in spec["parameters"].items()}
+    own = model.state_dict()
+    for k, shape in spec["buffers"].items():  # buffers as the reference computes them
+        if k.endswith("attn_mask"):
+            params[k] = shift_mask(128, 128, 8, 4)
+        else:
+            params[k] = own[k]
+        assert list(params[k].shape) == shape
+    for key in ("params", "params_ema"):
+        torch.save({key: params}, tmp_path / f"m_{key}.pth")
+        m = vrestore.load(tmp_path / f"m_{key}.pth")
+        assert m.cfg.embed_dim == 180 and m.cfg.depths == [6] * 6 and m.cfg.img_size == 128
+    with torch.no_grad():
+        y = m(torch.rand(1, 3, 20, 27))
+    assert y.shape == (1, 3, 20, 27)
+    bad = dict(params)
+    bad["layers.0.residual_group.blocks.1.attn_mask"] = torch.zeros(256, 64, 64)
+    torch.save({"params": bad}, tmp_path / "bad.pth")
+    with pytest.raises(vrestore.VrestoreError, match="attention mask"):
+        vrestore.load(tmp_path / "bad.pth")
+
+
+def test_window_chunking_is_exact(monkeypatch):
+    torch.manual_seed(0)
+    m = build("swinir_t_color_dn").eval()
+    x = torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        full = m(x)
+        monkeypatch.setattr(SwinTransformerBlock, "chunk_windows", 5)
+        chunked = m(x)
+    assert torch.allclose(full, chunked, atol=1e-5)
+
+
+@pytest.mark.parametrize("upsampler,scale", [("pixelshuffle", 2), ("pixelshuffle", 4), ("pixelshuffledirect", 4)])
+def test_upsamplers_and_config_inference(tmp_path, upsampler, scale):
+    m = build("swinir", embed_dim=24, depths=[2], num_heads=[2], img_size=32, upsampler=upsampler, upscale=scale,
+              num_feat=16).eval()
+    torch.save({"params": m.state_dict()}, tmp_path / "sr.pth")
+    m2 = vrestore.load(tmp_path / "sr.pth")
+    assert (m2.cfg.upsampler, m2.cfg.upscale) == (upsampler, scale)
+    x = torch.rand(1, 3, 13, 17)
+    with torch.no_grad():
+        assert torch.allclose(m(x), m2(x), atol=1e-6)
+    assert m(x).shape == (1, 3, 13 * scale, 17 * scale)
+
+
+@pytest.mark.slow
+def test_1080p_frame_through_swinir_m():
+    """The published size on a full-HD frame fits in memory (window chunking)."""
+    m = build("swinir_m_color_dn").eval()
+    with torch.no_grad():
+        y = m(torch.rand(1, 3, 1080, 1920))
+    assert y.shape == (1, 3, 1080, 1920)
