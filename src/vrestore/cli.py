@@ -227,12 +227,6 @@ def info(path: Path = typer.Argument(...),
         out.print(f"[bold]{k}[/]: {v}", highlight=False)
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 @app.command()
@@ -483,3 +477,11 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
               f"SSIM {a['ssim_rgb']:.4f}; {report['restore_fps']:.2f} frames/s on {restorer.precision}",
               highlight=False)
     out.print(f"outputs: {output}/restored.mp4, comparison.png, report.md ({report['total_seconds']:.0f} s in all)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from vrestore.train.engine import Trainer, lr_factor
+
+
+@pytest.fixture(scope="module")
+def x4_pairs(tmp_path_factory, small_clean):
+    from vrestore.video.degrade import prepare_dataset
+
+    out = tmp_path_factory.mktemp("pairs") / "x4"
+    prepare_dataset(small_clean, out, task="x4")
+    return out
+
+
+def _recipe(tmp_path, data, steps, **extra):
+    cfg = {"name": "tiny", "out": str(tmp_path / "run"), "seed": 0, "device": "cpu", "dtype": "fp32",
+           "model": {"name": "basicvsrpp_c16n2_x4", "pqf_propagation": True},
+           "data": {"train": str(data), "clip_len": 4, "patch": 64, "batch": 2},
+           "optim": {"lr": 1e-3, "warmup": 0.1, "grad_clip": 1.0, "spynet_freeze": 2, "ema": 0.9},
+           "checkpoint_every": 3, "steps": steps}
+    cfg.update(extra)
+    path = tmp_path / "recipe.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path, OmegaConf.create(cfg)
+
+
+def test_schedule_warms_up_then_decays():
+    f = [lr_factor(i, 100, 0.1, 1) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.05
+    g = [lr_factor(i, 100, 0.0, 2) for i in range(100)]
+    assert g[49] < 0.05 and g[50] == pytest.approx(1.0)  # a restart
+
+
+def test_tiny_recipe_learns_grows_and_runs_three_loss_steps(tmp_path, x4_pairs):
+    steps = [{"name": "charb", "iters": 16, "loss": "charbonnier"},
+             {"name": "grow", "iters": 4, "loss": "charbonnier", "grow": 2},
+             {"name": "mse", "iters": 3, "loss": "mse", "lr": 2e-4},
+             {"name": "mse_subset", "iters": 3, "loss": "mse", "lr": 1e-4, "subset": ["bikes_small"]}]
+    _, cfg = _recipe(tmp_path, x4_pairs, steps, val={"data": str(x4_pairs), "every": 8, "max_frames": 4})
+    tr = Trainer(cfg)
+    final = tr.run()
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r.get("step") == "charb"]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert {r["step"] for r in recs if "step" in r} == {"charb", "grow", "mse", "mse_subset"}
+    assert tr.model.cfg.num_reconstruction_blocks == 7
+    assert any("val_psnr" in r for r in recs)
+    import vrestore
+
+    m = vrestore.load(final)
+    assert m.cfg.num_reconstruction_blocks == 7 and m.cfg.pqf_propagation
+
+
+def _run(recipe, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "vrestore.cli", "train", str(recipe), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_kill_9_then_resume_gives_identical_weights(tmp_path, x4_pairs):
+    steps = [{"name": "a", "iters": 8, "loss": "charbonnier"}, {"name": "b", "iters": 4, "loss": "mse", "grow": 1}]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir()
+    cut_dir.mkdir()
+    ref_recipe, _ = _recipe(ref_dir, x4_pairs, steps)
+    cut_recipe, _ = _recipe(cut_dir, x4_pairs, steps)
+    assert _run(ref_recipe).wait(timeout=600) == 0
+    p = _run(cut_recipe)
+    metrics = cut_dir / "run" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (cut_dir / "run" / "final.safetensors").exists()
+    assert _run(cut_recipe, "--resume").wait(timeout=600) == 0
+    a = load_file(ref_dir / "run" / "final.safetensors")
+    b = load_file(cut_dir / "run" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
