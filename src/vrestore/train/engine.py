@@ -205,7 +205,18 @@ class Trainer:
             self._make_optimizer(step)
             self.optim.load_state_dict(ck["optim"])
         torch.set_rng_state(ck["rng"]["torch"])
+        self._truncate_log(self.state["global_iter"])
         log.info("resumed from %s at iteration %d", path, self.state["global_iter"])
+
+    def _truncate_log(self, upto: int) -> None:
+        """Drop log records of iterations after the checkpoint: they will be redone."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("iter", 0) <= upto]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.metrics_path)
 
     # -- validation ----------------------------------------------------------
     def validate(self) -> float | None:
