@@ -479,6 +479,44 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
     out.print(f"outputs: {output}/restored.mp4, comparison.png, report.md ({report['total_seconds']:.0f} s in all)")
 
 
+@app.command()
+@handled
+def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e.g. basicvsrpp_c64n7_x1) or path."),
+          stage2: str = typer.Option("none", help="Stage-2 model (name, path) or none."),
+          size: str = typer.Option("854x480", help="Input WIDTHxHEIGHT."),
+          frames: int = typer.Option(30), chunk: int = typer.Option(32), overlap: int = typer.Option(8),
+          whole: bool = typer.Option(False, help="The straightforward way: whole clip in one tensor."),
+          device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+          json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
+    """Frames/s and peak memory of a model on this machine, as JSON."""
+    from .infer.bench import bench as run_bench
+    from .infer.restorer import Restorer
+    from .models import build, list_models
+    from .weights import bundled_models
+
+    def resolve(name: str | None):
+        if name in (None, "none", ""):
+            return None
+        return build(name) if name in list_models() else name
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
+    if model in bundled_models():
+        r = make_restorer(model, None if stage2 == "none" else stage2, None, tta=False, dedup=False, device=device,
+                          dtype=dtype, chunk=chunk, overlap=overlap, tile=0)
+        if stage2 == "none":
+            r.stage2 = None
+    else:
+        r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk, overlap=overlap)
+    res = run_bench(r, w, h, frames, whole=whole) | {"model": model, "stage2": stage2}
+    text = json.dumps(res, indent=1)
+    out.print_json(text)
+    if json_out:
+        json_out.write_text(text)
+
+
 def main() -> None:
     app()
 

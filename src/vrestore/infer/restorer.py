@@ -116,6 +116,8 @@ class Restorer:
 
     def _prepare(self, m: nn.Module) -> nn.Module:
         m = m.to(self.precision.device).eval()
+        if self.precision.channels_last:  # oneDNN's fast conv path on CPUs
+            m = m.to(memory_format=torch.channels_last)
         for p in m.parameters():
             p.requires_grad_(False)
         return m

@@ -181,8 +181,8 @@ class BasicVSRPlusPlus(nn.Module):
         n, t, c, h, w = lqs.shape
         a = lqs[:, :-1].reshape(-1, c, h, w)
         b = lqs[:, 1:].reshape(-1, c, h, w)
-        flows_backward = self.spynet(a, b).view(n, t - 1, 2, h, w)
-        flows_forward = self.spynet(b, a).view(n, t - 1, 2, h, w)
+        flows_backward = self.spynet(a, b).reshape(n, t - 1, 2, h, w)
+        flows_forward = self.spynet(b, a).reshape(n, t - 1, 2, h, w)
         return flows_forward, flows_backward
 
     def _anchor(self, step: int, order: list[int], pqf: set[int]) -> int:
@@ -243,7 +243,7 @@ class BasicVSRPlusPlus(nn.Module):
         x = lqs.reshape(n * t, 3, h, w)
         mode = "reflect" if hp - h < h and wp - w < w else "replicate"
         x = F.pad(x, (0, wp - w, 0, hp - h), mode=mode)
-        return x.view(n, t, 3, hp, wp), h, w
+        return x.reshape(n, t, 3, hp, wp), h, w
 
     def forward(self, lqs: torch.Tensor, pqfs: list[int] | None = None) -> torch.Tensor:
         if lqs.dim() != 5 or lqs.shape[2] != 3:
@@ -257,10 +257,10 @@ class BasicVSRPlusPlus(nn.Module):
         if self.cfg.is_low_res_input:
             lqs_flow = lqs
         else:
-            lqs_flow = F.interpolate(lqs.view(-1, c, h, w), scale_factor=0.25, mode="bicubic").view(
+            lqs_flow = F.interpolate(lqs.reshape(-1, c, h, w), scale_factor=0.25, mode="bicubic").reshape(
                 n, t, c, h // 4, w // 4)
-        feats = self.feat_extract(lqs.view(-1, c, h, w))
-        feats = feats.view(n, t, -1, *feats.shape[-2:])
+        feats = self.feat_extract(lqs.reshape(-1, c, h, w))
+        feats = feats.reshape(n, t, -1, *feats.shape[-2:])
         spatial = [feats[:, i] for i in range(t)]
         flows_forward, flows_backward = self.compute_flow(lqs_flow)
         done: list[list[torch.Tensor]] = []

@@ -48,27 +48,27 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
     xs = torch.arange(wo, device=x.device, dtype=offset.dtype) * sw - pw
     ky = (torch.arange(kh, device=x.device, dtype=offset.dtype) * dh).repeat_interleave(kw)
     kx = (torch.arange(kw, device=x.device, dtype=offset.dtype) * dw).repeat(kh)
-    base_y = ky.view(k, 1, 1) + ys.view(1, ho, 1)
-    base_x = kx.view(k, 1, 1) + xs.view(1, 1, wo)
+    base_y = ky.reshape(k, 1, 1) + ys.reshape(1, ho, 1)
+    base_x = kx.reshape(k, 1, 1) + xs.reshape(1, 1, wo)
 
-    off = offset.view(n, dg, k, 2, ho, wo)
+    off = offset.reshape(n, dg, k, 2, ho, wo)
     py = base_y + off[:, :, :, 0]  # (n, dg, k, Ho, Wo)
     px = base_x + off[:, :, :, 1]
     # Normalise for grid_sample with align_corners=True: -1 is pixel 0, +1 pixel size-1.
     gx = px * (2.0 / max(w - 1, 1)) - 1.0
     gy = py * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack((gx, gy), dim=-1).view(n * dg, k * ho, wo, 2).to(dtype)
+    grid = torch.stack((gx, gy), dim=-1).reshape(n * dg, k * ho, wo, 2).to(dtype)
 
     xg = x.reshape(n * dg, c // dg, h, w)
     sampled = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     # (n*dg, C/dg, k*Ho, Wo) -> modulate -> columns (n, C*k, Ho*Wo) with C major, k minor.
-    sampled = sampled.view(n, dg, c // dg, k, ho, wo) * mask.view(n, dg, 1, k, ho, wo).to(dtype)
-    cols = sampled.view(n, groups, (c // groups) * k, ho * wo)
-    wmat = weight.view(groups, cout // groups, cin_g * k).to(dtype)
+    sampled = sampled.reshape(n, dg, c // dg, k, ho, wo) * mask.reshape(n, dg, 1, k, ho, wo).to(dtype)
+    cols = sampled.reshape(n, groups, (c // groups) * k, ho * wo)
+    wmat = weight.reshape(groups, cout // groups, cin_g * k).to(dtype)
     out = torch.matmul(wmat.unsqueeze(0), cols)  # (n, groups, Cout/groups, Ho*Wo)
     out = out.reshape(n, cout, ho, wo)
     if bias is not None:
-        out = out + bias.view(1, cout, 1, 1).to(dtype)
+        out = out + bias.reshape(1, cout, 1, 1).to(dtype)
     return out
 
 

@@ -1,0 +1,179 @@
+"""Speed and memory benchmarks; results go to benchmarks/results/*.json and
+benchmarks/RESULTS.md (regenerated from the JSON files).
+
+    python benchmarks/run.py dcn        # deformable conv vs conv2d (the <= 3x target)
+    python benchmarks/run.py stage1     # BasicVSR++ c64n7 frames/s, QE 960x536 and x4 from 240x136
+    python benchmarks/run.py stage2     # SwinIR frames/s at 960x536 (published M size and small ones)
+    python benchmarks/run.py memory     # peak RSS, 60 vs 600 frames of 480p, streaming vs whole
+    python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
+    python benchmarks/run.py report     # rewrite RESULTS.md
+
+Run on an otherwise idle machine; each measurement states its precision,
+threads and machine.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def _timeit(fn, repeat: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def _save(name: str, data: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    data["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu(),
+                   "date": time.strftime("%Y-%m-%d")}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
+    print(json.dumps(data, indent=1))
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def dcn() -> None:
+    from vrestore.models.dcn import modulated_deform_conv2d
+
+    torch.manual_seed(0)
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        for cl in (False, True):
+            x = torch.randn(1, 128, 180, 320)  # 2*64 input channels, as in BasicVSR++'s alignment
+            w = torch.randn(64, 128, 3, 3) * 0.05
+            b = torch.zeros(64)
+            off = torch.randn(1, 2 * 16 * 9, 180, 320) * 2
+            mask = torch.rand(1, 16 * 9, 180, 320)
+            conv = torch.nn.Conv2d(128, 64, 3, 1, 1).eval()
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+                conv = conv.to(memory_format=torch.channels_last)
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.no_grad()
+            with torch.no_grad(), ctx:
+                t_dcn = _timeit(lambda x=x, w=w, b=b, off=off, mask=mask: modulated_deform_conv2d(
+                    x, off, mask, w, b, 1, 1, 1, 1, 16))
+                t_conv = _timeit(lambda x=x, conv=conv: conv(x))
+            rows.append({"dtype": dtype, "channels_last": cl, "dcn_ms": t_dcn * 1e3, "conv_ms": t_conv * 1e3,
+                         "ratio": t_dcn / t_conv})
+    _save("dcn", {"shape": "in 128 ch (2x64), out 64, 16 deform groups, 3x3, 180x320, forward", "rows": rows})
+
+
+def _stage1_fps(name: str, w: int, h: int, dtype: str, frames: int = 10) -> float:
+    from vrestore.infer.restorer import Restorer
+    from vrestore.models import build
+
+    r = Restorer(build(name), device="cpu", dtype=dtype, chunk=frames)
+    clip = torch.rand(frames, 3, h, w)
+    r.run_clip(clip[:2])
+    t = time.perf_counter()
+    r.run_clip(clip)
+    return frames / (time.perf_counter() - t)
+
+
+def stage1() -> None:
+    rows = []
+    for name, (w, h) in (("basicvsrpp_c64n7_x1", (960, 536)), ("basicvsrpp_c64n7_x4", (240, 136))):
+        for dtype in ("fp32", "bf16"):
+            rows.append({"model": name, "input": f"{w}x{h}", "dtype": dtype, "fps": _stage1_fps(name, w, h, dtype)})
+    _save("stage1", {"clip_frames": 10, "rows": rows})
+
+
+def stage2() -> None:
+    from vrestore.infer.restorer import Restorer
+    from vrestore.models import build
+
+    rows = []
+    for name, n in (("swinir_t_color_dn", 3), ("swinir_s_color_dn", 2), ("swinir_m_color_dn", 1)):
+        for dtype in ("fp32", "bf16"):
+            m = build(name).eval()
+            r = Restorer(build("basicvsrpp_c16n2_x1"), m, device="cpu", dtype=dtype)
+            x = torch.rand(1, 3, 536, 960)
+            with torch.inference_mode():
+                r._stage2(x[:, :, :64, :64])
+                t = time.perf_counter()
+                for _ in range(n):
+                    r._stage2(x)
+                dt = (time.perf_counter() - t) / n
+            rows.append({"model": name, "params_m": sum(p.numel() for p in m.parameters()) / 1e6, "dtype": dtype,
+                         "sec_per_frame": dt, "fps": 1 / dt})
+    _save("stage2", {"input": "960x536", "rows": rows})
+
+
+def _subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "vrestore.cli", "bench", *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def memory() -> None:
+    rows = []
+    for frames in (60, 600):
+        rows.append(_subprocess(["--model", "qe", "--stage2", "none", "--size", "854x480", "--frames", str(frames)]))
+    for frames in (30, 60):
+        rows.append(_subprocess(["--model", "qe", "--stage2", "none", "--size", "854x480", "--frames", str(frames),
+                                 "--whole"]))
+    s60, s600 = rows[0]["peak_rss_mb"], rows[1]["peak_rss_mb"]
+    _save("memory", {"rows": rows, "stream_600_over_60": s600 / s60})
+
+
+def speed() -> None:
+    args = ["--model", "basicvsrpp_c64n7_x1", "--stage2", "none", "--size", "960x536", "--frames", "20"]
+    naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000"])
+    ours = _subprocess([*args, "--dtype", "auto"])
+    _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
+
+
+def report() -> None:
+    lines = ["# Benchmark results", "", "Generated by `python benchmarks/run.py report` from `results/*.json`.", ""]
+    for f in sorted(RESULTS.glob("*.json")):
+        d = json.loads(f.read_text())
+        env = d.get("env", {})
+        lines += [f"## {f.stem}", "", f"`python benchmarks/run.py {f.stem}` on {env.get('cpu')}, "
+                  f"{env.get('threads')} threads, torch {env.get('torch')}, {env.get('date')}", ""]
+        rows = d.get("rows")
+        if rows:
+            keys = [k for k in rows[0] if not isinstance(rows[0][k], dict)]
+            keys = [k for k in keys if k not in ("torch", "machine", "threads")]
+            lines.append("| " + " | ".join(keys) + " |")
+            lines.append("|" + "---|" * len(keys))
+            for r in rows:
+                lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k])
+                                               for k in keys) + " |")
+            lines.append("")
+        for k, v in d.items():
+            if k not in ("rows", "env") and not isinstance(v, (list,)):
+                lines.append(f"- {k}: {json.dumps(v) if isinstance(v, dict) else v}")
+        lines.append("")
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "report"
+    fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "memory": memory, "speed": speed, "report": report}
+    for name in (list(fns)[:-1] if what == "all" else [what]):
+        fns[name]()
+    report()
