@@ -249,15 +249,18 @@ class Trainer:
             fh.write(json.dumps(rec) + "\n")
 
     def run(self, progress=None) -> Path:
+        from ..models import save
+
         steps = list(self.cfg.steps)
         while self.state["step_idx"] < len(steps):
-            self._run_step(steps[self.state["step_idx"]], progress)
+            step = steps[self.state["step_idx"]]
+            self._run_step(step, progress)
+            # Each step's result stays available (e.g. stage 2's denoising pre-training, for transfer).
+            save(self.ema or self.model, self.ckpt_dir / f"{step.get('name', self.state['step_idx'])}.safetensors")
             self.state["step_idx"] += 1
             self.state["iter_in_step"] = 0
             self.optim = None
             self.save_checkpoint()
-        from ..models import save
-
         final = save(self.ema or self.model, self.out / "final.safetensors",
                      {"recipe": self.cfg.name, "iterations": str(self.state["global_iter"])})
         return final
