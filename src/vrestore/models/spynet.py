@@ -42,6 +42,10 @@ class SPyNetBasicModule(nn.Module):
         super().__init__()
         self.basic_module = nn.Sequential(_ConvAct(8, 32, True), _ConvAct(32, 64, True), _ConvAct(64, 32, True),
                                           _ConvAct(32, 16, True), _ConvAct(16, 2, False))
+        # Untrained, predict zero flow rather than random flow: training from
+        # scratch then starts from "no motion" instead of warping with noise.
+        nn.init.zeros_(self.basic_module[-1].conv.weight)
+        nn.init.zeros_(self.basic_module[-1].conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.basic_module(x)
