@@ -4,7 +4,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py dcn        # deformable conv vs conv2d (the <= 3x target)
     python benchmarks/run.py stage1     # BasicVSR++ c64n7 frames/s, QE 960x536 and x4 from 240x136
     python benchmarks/run.py stage2     # SwinIR frames/s at 960x536 (published M size and small ones)
-    python benchmarks/run.py memory     # peak RSS, 60 vs 600 frames of 480p, streaming vs whole
+    python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py report     # rewrite RESULTS.md
 
@@ -86,7 +86,7 @@ def _stage1_fps(name: str, w: int, h: int, dtype: str, frames: int = 10) -> floa
     from vrestore.infer.restorer import Restorer
     from vrestore.models import build
 
-    r = Restorer(build(name), device="cpu", dtype=dtype, chunk=frames)
+    r = Restorer(build(name), device="cpu", dtype=dtype, chunk=frames, overlap=0)
     clip = torch.rand(frames, 3, h, w)
     r.run_clip(clip[:2])
     t = time.perf_counter()
@@ -131,18 +131,18 @@ def _subprocess(args: list[str]) -> dict:
 
 def memory() -> None:
     rows = []
-    for frames in (60, 600):
+    for frames in (48, 480):
         rows.append(_subprocess(["--model", "qe", "--stage2", "none", "--size", "854x480", "--frames", str(frames)]))
-    for frames in (30, 60):
+    for frames in (24, 48):
         rows.append(_subprocess(["--model", "qe", "--stage2", "none", "--size", "854x480", "--frames", str(frames),
                                  "--whole"]))
     s60, s600 = rows[0]["peak_rss_mb"], rows[1]["peak_rss_mb"]
-    _save("memory", {"rows": rows, "stream_600_over_60": s600 / s60})
+    _save("memory", {"rows": rows, "stream_480_over_48": s600 / s60})
 
 
 def speed() -> None:
     args = ["--model", "basicvsrpp_c64n7_x1", "--stage2", "none", "--size", "960x536", "--frames", "20"]
-    naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000"])
+    naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000", "--plain"])
     ours = _subprocess([*args, "--dtype", "auto"])
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
 

@@ -486,6 +486,7 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           size: str = typer.Option("854x480", help="Input WIDTHxHEIGHT."),
           frames: int = typer.Option(30), chunk: int = typer.Option(32), overlap: int = typer.Option(8),
           whole: bool = typer.Option(False, help="The straightforward way: whole clip in one tensor."),
+          plain: bool = typer.Option(False, help="No channels_last (plain eager layout)."),
           device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
@@ -509,8 +510,9 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
         if stage2 == "none":
             r.stage2 = None
     else:
-        r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk, overlap=overlap)
-    res = run_bench(r, w, h, frames, whole=whole) | {"model": model, "stage2": stage2}
+        r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk,
+                     overlap=min(overlap, chunk // 2), channels_last=False if plain else None)
+    res = run_bench(r, w, h, frames, whole=whole) | {"model": model, "stage2": stage2, "plain": plain}
     text = json.dumps(res, indent=1)
     out.print_json(text)
     if json_out:

@@ -95,11 +95,12 @@ class Restorer:
     def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | None = None, *,
                  tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
                  overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int = 0,
-                 dedup: bool = False):
+                 dedup: bool = False, channels_last: bool | None = None):
         specs = stage1 if isinstance(stage1, (list, tuple)) else [stage1]
         if not specs:
             raise VrestoreError("at least one stage-1 model is needed")
         self.precision = devmod.select(device, dtype)
+        self.channels_last = self.precision.channels_last if channels_last is None else channels_last
         self.stage1 = [self._prepare(_as_model(s)) for s in specs]
         scales = {getattr(m, "scale", 1) for m in self.stage1}
         if len(scales) != 1:
@@ -108,15 +109,15 @@ class Restorer:
         self.stage2 = self._prepare(_as_model(stage2)) if stage2 is not None else None
         if self.stage2 is not None and getattr(self.stage2, "scale", 1) != 1:
             raise VrestoreError("stage 2 must keep the size (a restoration SwinIR, upscale 1)")
-        if chunk < 2 or not 0 <= overlap < chunk // 2 + 1:
-            raise VrestoreError(f"need chunk >= 2 and 0 <= overlap <= chunk/2 (got chunk={chunk}, overlap={overlap})")
+        if chunk < 2 or not 0 <= overlap <= chunk // 2:
+            raise VrestoreError(f"need --chunk >= 2 and 0 <= --overlap <= chunk/2 (got {chunk}, {overlap})")
         self.tta, self.chunk, self.overlap = tta, chunk, overlap
         self.tile, self.tile_overlap, self.stage2_tile = tile, tile_overlap, stage2_tile
         self.dedup = dedup
 
     def _prepare(self, m: nn.Module) -> nn.Module:
         m = m.to(self.precision.device).eval()
-        if self.precision.channels_last:  # oneDNN's fast conv path on CPUs
+        if self.channels_last:  # oneDNN's fast conv path on CPUs
             m = m.to(memory_format=torch.channels_last)
         for p in m.parameters():
             p.requires_grad_(False)
