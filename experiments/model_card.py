@@ -1,6 +1,6 @@
 """Measure the numbers of docs/models.md on the held-out clips.
 
-    python experiments/model_card.py qe      # or x4
+    python experiments/model_card.py qe [--tta]     # or x4
 writes experiments/results/model_card_<task>.json. Rows: the compressed input
 (bicubic-upscaled for x4), the best classical filter (FFmpeg nlmeans or
 fftdnoiz, a small grid; QE only), stage 1 alone, both stages, both stages with
@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import av
-from fractions import Fraction
 import numpy as np
 import torch
 
@@ -105,8 +105,12 @@ def main(task: str) -> None:
             up[k] = y.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
         rows["compressed input, bicubic x4"] = score(gt, up)
     s1, s2 = bundled_path(task), bundled_path(f"{task}:stage2")
-    for label, stage2, tta in (("stage 1", None, False), ("stage 1 + stage 2", s2, False),
-                               ("stage 1 + stage 2 + x8 TTA", s2, True)):
+    variants = [("stage 1", None, False)]
+    if s2 is not None:  # a bundled stage 2
+        variants.append(("stage 1 + stage 2", s2, False))
+    if "--tta" in sys.argv:
+        variants.append(("all stages + x8 TTA", s2, True))
+    for label, stage2, tta in variants:
         r = Restorer(s1, stage2, tta=tta, chunk=60)
         t = time.perf_counter()
         pred = {k: np.stack(list(r.stream(list(v), pqfs[k]))) for k, v in lq.items()}
@@ -121,4 +125,5 @@ def main(task: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "qe")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args[0] if args else "qe")
