@@ -43,7 +43,7 @@ def handled(fn):
         try:
             return fn(*args, **kwargs)
         except VrestoreError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]; partial outputs were removed")

@@ -339,7 +339,7 @@ class Trainer:
             self.state["iter_in_step"] += 1
             g += 1
             now = time.perf_counter()
-            rec = {"iter": g, "step": name, "loss": float(loss), "lr": self.optim.param_groups[0]["lr"],
+            rec = {"iter": g, "step": name, "loss": float(loss.detach()), "lr": self.optim.param_groups[0]["lr"],
                    "sec": now - t_last}
             t_last = now
             if val_every and g % val_every == 0:
@@ -352,7 +352,7 @@ class Trainer:
                 self.save_checkpoint()
             if progress is not None:
                 progress.update(task, completed=self.state["iter_in_step"],
-                                rate=f"loss {float(loss):.4f} {1 / max(rec['sec'], 1e-9):.2f} it/s")
+                                rate=f"loss {float(loss.detach()):.4f} {1 / max(rec['sec'], 1e-9):.2f} it/s")
 
     def _recover(self) -> None:
         """Repeated non-finite steps: reload the last good checkpoint and halve the learning rate."""
