@@ -6,6 +6,8 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py stage2     # SwinIR frames/s at 960x536 (published M size and small ones)
     python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
+    python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
+    python benchmarks/run.py chunks     # chunked vs whole-sequence outputs (bundled model), per frame
     python benchmarks/run.py report     # rewrite RESULTS.md
 
 Run on an otherwise idle machine; each measurement states its precision,
@@ -123,6 +125,51 @@ def stage2() -> None:
     _save("stage2", {"input": "960x536", "rows": rows})
 
 
+def swin1080() -> None:
+    """The published SwinIR-M size on one 1080p frame (bf16, channels_last): it fits in memory."""
+    import resource
+
+    from vrestore.models import build
+
+    m = build("swinir_m_color_dn").eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 1080, 1920)
+    t = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    _save("swin1080", {"shape": list(y.shape), "seconds": time.perf_counter() - t,
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       "finite": bool(torch.isfinite(y).all())})
+
+
+def chunks() -> None:
+    """Chunked streaming vs whole-sequence inference with the bundled model on the
+    LDV-compressed demo clip: per-frame PSNR between the two outputs."""
+    import tempfile
+
+    import numpy as np
+
+    from vrestore.infer.restorer import Restorer
+    from vrestore.metrics import psnr
+    from vrestore.video.degrade import degrade_video
+    from vrestore.video.io import VideoReader
+    from vrestore.weights import bundled_path
+
+    sample = Path(__file__).resolve().parents[1] / "src" / "vrestore" / "assets" / "bbb_demo.mp4"
+    with tempfile.TemporaryDirectory() as d:
+        rep = degrade_video(sample, Path(d) / "lq.mp4")
+        lq = np.stack([f.rgb for f in VideoReader(Path(d) / "lq.mp4")])
+    model = bundled_path("qe")
+    whole = Restorer(model, chunk=len(lq)).restore_frames(lq, rep.pqfs)
+    chunk, overlap = 16, 4
+    part = Restorer(model, chunk=chunk, overlap=overlap).restore_frames(lq, rep.pqfs)
+    per = [psnr(a, b) for a, b in zip(whole, part, strict=True)]
+    finite = [p for p in per if np.isfinite(p)]
+    _save("chunks", {"model": "qe (bundled)", "frames": len(lq), "chunk": chunk, "overlap": overlap,
+                     "mean_psnr_chunked_vs_whole": float(np.mean(finite)) if finite else float("inf"),
+                     "min_psnr": float(min(per)), "identical_frames": int(sum(not np.isfinite(p) for p in per)),
+                     "per_frame_psnr": [round(float(p), 2) if np.isfinite(p) else "inf" for p in per]})
+
+
 def _subprocess(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-m", "vrestore.cli", "bench", *args], capture_output=True, text=True,
                          check=True)
@@ -173,7 +220,8 @@ def report() -> None:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "report"
-    fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "memory": memory, "speed": speed, "report": report}
+    fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "memory": memory, "speed": speed, "swin1080": swin1080,
+           "chunks": chunks, "report": report}
     for name in (list(fns)[:-1] if what == "all" else [what]):
         fns[name]()
     report()
