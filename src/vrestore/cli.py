@@ -278,10 +278,6 @@ def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *,
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
 
 
-def _shard(items: list, rank: int, world: int) -> list:
-    return items[rank::world]
-
-
 @app.command()
 @handled
 def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG folder, or a folder of videos."),
@@ -305,7 +301,7 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
     """Restore a video (or a folder of videos) in one streaming pass."""
     import os
 
-    from .video.degrade import VIDEO_SUFFIXES
+    from .video.degrade import list_videos
 
     if not src.exists():
         raise VrestoreError(f"{src}: no such file or directory")
@@ -327,9 +323,8 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
         out.print(f"wrote {rep.output}: {rep.frames} frames in {rep.seconds:.1f} s ({rep.fps:.2f} fps, "
                   f"{rep.extra['precision']})", highlight=False)
         return
-    videos = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    videos = _shard(videos, rank, world)
+    videos = list_videos(src)[rank::world]  # under torchrun each rank takes its share
     output.mkdir(parents=True, exist_ok=True)
     ext = _EXT[codec or "x264"]
     failures: list[tuple[Path, str]] = []

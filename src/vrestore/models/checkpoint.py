@@ -26,7 +26,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..errors import VrestoreError
-from .registry import ARCHITECTURES, build
+from .registry import ARCHITECTURES
 
 
 def _count_indices(sd: dict[str, torch.Tensor], pattern: str) -> int:
@@ -147,6 +147,7 @@ def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     from . import basicvsrpp, swinir  # noqa: F401  registers the architectures
 
     path = Path(path)
+    meta: dict[str, str] = {}
     if not path.is_file():
         from ..weights import bundled_path
 
@@ -179,7 +180,7 @@ def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             raise VrestoreError(f"{path}: incomplete {arch} checkpoint (missing {e})") from None
     cfg.update(overrides)
     model = _build_and_load(arch, cfg, sd, path)
-    model.vrestore_meta = {k: v for k, v in (meta if path.suffix == ".safetensors" else {}).items()}
+    model.vrestore_meta = meta
     return model
 
 
@@ -195,8 +196,3 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, str] |
     os.replace(tmp, path)
     return path
 
-
-def build_model(name: str, **cfg: Any) -> nn.Module:
-    from . import basicvsrpp, swinir  # noqa: F401
-
-    return build(name, **cfg)

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -169,15 +168,11 @@ class Trainer:
         return cache
 
     # -- checkpoints -------------------------------------------------------
-    def _rng_state(self) -> dict:
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-                "python": list(random.getstate()[1])}
-
     def save_checkpoint(self, name: str = "last.pt") -> Path:
         ck = {"model": self.model.state_dict(), "model_config": json.dumps(self.model.config()),
               "model_arch": self.model.arch_name, "state": dict(self.state),
               "optim": self.optim.state_dict() if self.optim else None,
-              "ema": self.ema.state_dict() if self.ema is not None else None, "rng": self._rng_state()}
+              "ema": self.ema.state_dict() if self.ema is not None else None, "rng": {"torch": torch.get_rng_state()}}
         path = self.ckpt_dir / name
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
         torch.save(ck, tmp)

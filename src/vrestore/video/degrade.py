@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -22,8 +22,8 @@ import av
 import numpy as np
 
 from ..errors import VrestoreError
-from .colour import ColourInfo, planes_to_rgb
-from .io import VideoReader, _fill_plane, packet_sizes, temp_path_for
+from .colour import ColourInfo
+from .io import VideoReader, _fill_plane, _plane, packet_sizes, temp_path_for
 
 #: HM low-delay P GOP: (QPOffset, QPOffsetModelOffset, QPOffsetModelScale) for POC 1..4 of each GOP.
 HM_LDP_GOP = ((5, -6.5, 0.2590), (4, -6.5, 0.2590), (5, -6.5, 0.2590), (1, 0.0, 0.0))
@@ -81,11 +81,8 @@ def _zones(num_frames: int, qp: int) -> str:
 def _yuv420_planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if frame.format.name != "yuv420p":
         frame = frame.reformat(format="yuv420p")
-    out = []
-    for p in frame.planes:
-        a = np.frombuffer(p, np.uint8, count=p.height * p.line_size).reshape(p.height, p.line_size)
-        out.append(a[:, : p.width].copy())
-    return out[0], out[1], out[2]
+    y, u, v = (_plane(p, np.uint8).copy() for p in frame.planes)
+    return y, u, v
 
 
 def _frame_from_planes(planes, pix_fmt: str = "yuv420p") -> av.VideoFrame:
@@ -340,8 +337,3 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
         os.replace(tmp, meta_path)
     return meta
 
-
-def yuv_frames_to_rgb(frames: Iterable[av.VideoFrame], colour: ColourInfo) -> Iterator[np.ndarray]:
-    for f in frames:
-        y, u, v = _yuv420_planes(f)
-        yield planes_to_rgb(y, u, v, colour, 8)
