@@ -116,7 +116,7 @@ def main(task: str) -> None:
         pred = {k: np.stack(list(r.stream(list(v), pqfs[k]))) for k, v in lq.items()}
         dt = time.perf_counter() - t
         n = sum(len(v) for v in lq.values())
-        rows[label] = score(gt, pred) | {"seconds": dt, "frames": n, "precision": str(r.precision)}
+        rows[label] = score(gt, pred) | {"seconds": dt, "frames": n, "precision": r.engine}
     OUT.mkdir(parents=True, exist_ok=True)
     res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "rows": rows}
     (OUT / f"model_card_{task}.json").write_text(json.dumps(res, indent=1))

@@ -258,7 +258,7 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
 
 
 def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *, tta: bool, dedup: bool,
-                  device: str, dtype: str, chunk: int, overlap: int, tile: int):
+                  device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto"):
     """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer."""
     from .infer.restorer import Restorer
     from .weights import bundled_models, bundled_path
@@ -272,7 +272,7 @@ def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *,
     if stage2 in ("none", ""):
         stage2 = None
     return Restorer(stage1, stage2, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap, tile=tile,
-                    dedup=dedup)
+                    dedup=dedup, backend=backend)
 
 
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
@@ -294,6 +294,8 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             chunk: int = typer.Option(32, help="Frames per temporal window."),
             overlap: int = typer.Option(8, help="Frames shared by consecutive windows."),
             tile: int = typer.Option(0, help="Split frames into tiles of this many input pixels (0 = off)."),
+            backend: str = typer.Option("auto", help="torch, onnxruntime (exports checkpoints on first use, "
+                                        "cached), or auto (onnxruntime for .onnx models)."),
             size: str = typer.Option(None, help="For raw .yuv: WIDTHxHEIGHT."),
             pix_fmt: str = typer.Option("yuv420p", help="For raw .yuv."),
             fps: float = typer.Option(25.0, help="For raw .yuv."),
@@ -306,7 +308,7 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
     if not src.exists():
         raise VrestoreError(f"{src}: no such file or directory")
     restorer = make_restorer(model, stage2, ensemble, tta=tta, dedup=dedup, device=device, dtype=dtype,
-                             chunk=chunk, overlap=overlap, tile=tile)
+                             chunk=chunk, overlap=overlap, tile=tile, backend=backend)
     pqfs = _parse_pqfs(pqf)
     raw = _raw_spec(size, pix_fmt, fps)
     is_batch = src.is_dir() and not any(src.glob("*.png"))
@@ -369,6 +371,32 @@ def convert(src: Path = typer.Argument(..., help="Published checkpoint (.pth).")
 
 @app.command()
 @handled
+def export(model: str = typer.Argument(..., help="Bundled name (qe, qe:stage2, ...) or checkpoint path."),
+           output: Path = typer.Option(..., "-o", "--output", help="Output .onnx file."),
+           fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+           frames: int = typer.Option(32, help="Stage 1: frames per chunk T, fixed in the graph."),
+           opset: int = typer.Option(17, help="ONNX opset (>= 16 for GridSample)."),
+           overwrite: bool = typer.Option(False, help="Replace an existing output.")) -> None:
+    """Export a stage-1 or stage-2 model to ONNX (dynamic height and width),
+    checked against the torch model with ONNX Runtime before it is written."""
+    from .export.onnx import export_onnx
+
+    if fmt != "onnx":
+        raise VrestoreError(f"unknown export format {fmt!r} (supported: onnx)")
+    if opset < 16:
+        raise VrestoreError(f"opset {opset} lacks GridSample, which deformable convolution needs; use >= 16")
+    if output.exists() and not overwrite:
+        raise VrestoreError(f"{output}: exists (use --overwrite to replace it)")
+    with console.status(f"exporting {model} ..."):
+        meta = export_onnx(model, output, frames=frames, opset=opset)
+    role = meta["vrestore_role"]
+    what = f"T={meta['vrestore_frames']} frames, " if role == "stage1" else ""
+    out.print(f"wrote {output}: {role} {meta['vrestore_arch']} ({what}x{meta['vrestore_scale']}, opset {opset}, "
+              f"{output.stat().st_size / 1e6:.1f} MB)", highlight=False)
+
+
+@app.command()
+@handled
 def models() -> None:
     """List registered architectures/sizes and bundled models."""
     from .models import list_models
@@ -407,7 +435,8 @@ def _comparison_image(lq, restored, gt, path: Path) -> None:
 @handled
 def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for the demo's outputs."),
          model: str = typer.Option("qe", help="Bundled model to show (qe or x4)."),
-         device: str = typer.Option("auto"), dtype: str = typer.Option("auto")) -> None:
+         device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+         backend: str = typer.Option("auto", help="torch or onnxruntime (exports the model on first use).")) -> None:
     """Degrade the bundled Big Buck Bunny clip with the LDV protocol, restore it, and report the gain."""
     import time as _time
 
@@ -443,7 +472,7 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
                   f"Outputs in {output}/")
         return
     restorer = make_restorer(model, None, None, tta=False, dedup=False, device=device, dtype=dtype, chunk=48,
-                             overlap=8, tile=0)
+                             overlap=8, tile=0, backend=backend)
     t1 = _time.perf_counter()
     restored = np.stack(list(restorer.stream(list(lq), rep.pqfs)))
     t_restore = _time.perf_counter() - t1
@@ -454,7 +483,7 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
     b, a = before.summary(), after.summary()
     mid = len(gt) // 2
     _comparison_image(lq_view[mid], restored[mid], gt[mid], output / "comparison.png")
-    report = {"model": model, "precision": str(restorer.precision), "frames": int(len(gt)),
+    report = {"model": model, "precision": restorer.engine, "frames": int(len(gt)),
               "size": f"{gt.shape[2]}x{gt.shape[1]}", "compressed": b, "restored": a,
               "gain_psnr_rgb_db": a["psnr_rgb"] - b["psnr_rgb"], "restore_seconds": t_restore,
               "restore_fps": len(gt) / t_restore, "total_seconds": _time.perf_counter() - t0}
@@ -466,10 +495,10 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
         f"| compressed{' (bicubic)' if scale > 1 else ''} | {b['psnr_rgb']:.3f} | {b['psnr_y']:.3f} "
         f"| {b['ssim_rgb']:.4f} |\n"
         f"| restored ({model}) | {a['psnr_rgb']:.3f} | {a['psnr_y']:.3f} | {a['ssim_rgb']:.4f} |\n\n"
-        f"Restoration: {t_restore:.1f} s ({report['restore_fps']:.2f} frames/s, {restorer.precision}).\n\n"
+        f"Restoration: {t_restore:.1f} s ({report['restore_fps']:.2f} frames/s, {restorer.engine}).\n\n"
         f"![comparison](comparison.png)\n\ncompressed | restored | original (bottom: 3x zoom).\n")
     out.print(f"restored with '{model}': RGB-PSNR {a['psnr_rgb']:.2f} dB ({report['gain_psnr_rgb_db']:+.2f} dB), "
-              f"SSIM {a['ssim_rgb']:.4f}; {report['restore_fps']:.2f} frames/s on {restorer.precision}",
+              f"SSIM {a['ssim_rgb']:.4f}; {report['restore_fps']:.2f} frames/s on {restorer.engine}",
               highlight=False)
     out.print(f"outputs: {output}/restored.mp4, comparison.png, report.md ({report['total_seconds']:.0f} s in all)")
 

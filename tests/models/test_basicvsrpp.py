@@ -54,11 +54,19 @@ def _randomised(name, **kw):
 
 def test_pqf_propagation_links_to_peak_quality_frames():
     m = _randomised("basicvsrpp_c16n2_x1", pqf_propagation=True)
+
+    def anchors(order, pqf):  # the step each second-order link comes from, per step from 2 on
+        out = []
+        for i, new in enumerate(m._new_anchor(order, pqf)[2:], start=2):
+            out.append(i - 2 if bool(new) else out[-1])
+        return [order[a] for a in out]
+
     order = list(range(10))
-    assert [m._anchor(i, order, {0, 4, 8}) for i in range(2, 10)] == [0, 0, 0, 0, 4, 4, 4, 4]
+    mask = torch.tensor([1.0 if i in (0, 4, 8) else 0.0 for i in order])
+    assert anchors(order, {0, 4, 8}) == anchors(order, mask) == [0, 0, 0, 0, 4, 4, 4, 4]
     # Backward: frames 9, 8, ...; the nearest PQF at least two steps back, else the frame two steps back.
     back = order[::-1]
-    assert [back[m._anchor(i, back, {0, 4, 8})] for i in range(2, 10)] == [9, 8, 8, 8, 8, 4, 4, 4]
+    assert anchors(back, {0, 4, 8}) == anchors(back, mask) == [9, 8, 8, 8, 8, 4, 4, 4]
     x = torch.rand(1, 9, 3, 64, 64)
     with torch.no_grad():
         pqf = m(x, pqfs=[0, 4, 8])
@@ -68,6 +76,10 @@ def test_pqf_propagation_links_to_peak_quality_frames():
         plain = m(x)
     assert torch.allclose(none, plain, atol=1e-6)
     assert float((pqf - plain).abs().max()) > 1e-4
+    m.cfg.pqf_propagation = True
+    with torch.no_grad():  # the mask form (used inside exported graphs) is the same network
+        as_mask = m.forward(x, pqfs=torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0, 1]))
+    assert torch.equal(as_mask, pqf)
 
 
 def test_growth_keeps_output_and_trains_new_blocks():

@@ -57,6 +57,6 @@ def bench(restorer, width: int, height: int, frames: int, *, whole: bool = False
     dt = time.perf_counter() - t0
     return {"frames": n, "width": width, "height": height, "seconds": dt, "fps": n / dt,
             "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0, "mode": "whole" if whole else "stream",
-            "precision": str(restorer.precision), "chunk": restorer.chunk, "overlap": restorer.overlap,
+            "precision": restorer.engine, "chunk": restorer.chunk, "overlap": restorer.overlap,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
             or platform.machine()}

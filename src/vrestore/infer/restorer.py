@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,31 @@ from . import device as devmod
 log = logging.getLogger(__name__)
 
 ModelSpec = nn.Module | str | os.PathLike
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def _as_model(spec: ModelSpec) -> nn.Module:
+def _is_onnx(spec: object) -> bool:
+    return isinstance(spec, (str, os.PathLike)) and str(spec).endswith(".onnx")
+
+
+def _as_model(spec: ModelSpec, backend: str, device: str, frames: int):
+    """A torch module or, for the onnxruntime backend, an ``OnnxModel``;
+    checkpoints given to the onnxruntime backend are exported once (cached)."""
+    from .onnx_backend import OnnxModel
+
+    if isinstance(spec, OnnxModel):
+        return spec
+    if backend == "onnxruntime" or (backend == "auto" and _is_onnx(spec)):
+        if isinstance(spec, nn.Module):
+            raise VrestoreError("the onnxruntime backend takes .onnx files or checkpoint paths, not a module; "
+                                "export it with vrestore.export.onnx.export_onnx")
+        if not _is_onnx(spec):
+            from ..export.onnx import ensure_onnx
+
+            spec = ensure_onnx(spec, frames)
+        return OnnxModel(spec, device)
+    if _is_onnx(spec):
+        raise VrestoreError(f"{spec}: an ONNX file needs --backend onnxruntime")
     if isinstance(spec, nn.Module):
         return spec.eval()
     from ..models.checkpoint import load
@@ -89,24 +112,35 @@ class Restorer:
     ``chunk``/``overlap``: frames per temporal window of the recurrent model
     and frames shared by consecutive windows (blended linearly). ``tile``:
     split frames larger than ``tile`` x ``tile`` input pixels into tiles that
-    overlap by ``tile_overlap`` pixels (0 = never tile).
+    overlap by ``tile_overlap`` pixels (0 = never tile). ``backend``: ``torch``,
+    ``onnxruntime`` (exported graphs; checkpoints are exported on first use,
+    and the chunk is the exported T) or ``auto`` (by file extension).
     """
 
     def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | None = None, *,
                  tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
                  overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int = 0,
-                 dedup: bool = False, channels_last: bool | None = None):
+                 dedup: bool = False, channels_last: bool | None = None, backend: str = "auto"):
         specs = stage1 if isinstance(stage1, (list, tuple)) else [stage1]
         if not specs:
             raise VrestoreError("at least one stage-1 model is needed")
+        if backend not in BACKENDS:
+            raise VrestoreError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.precision = devmod.select(device, dtype)
         self.channels_last = self.precision.channels_last if channels_last is None else channels_last
-        self.stage1 = [self._prepare(_as_model(s)) for s in specs]
+        dev = str(self.precision.device)
+        self.stage1 = [self._prepare(_as_model(s, backend, dev, chunk)) for s in specs]
+        frames = {getattr(m, "frames", 0) for m in self.stage1} - {0}
+        if len(frames) > 1:
+            raise VrestoreError(f"ensemble members were exported for different chunk lengths {sorted(frames)}")
+        if frames:  # exported stage 1: the chunk is fixed by the graph
+            chunk = frames.pop()
+            overlap = min(overlap, chunk // 2)
         scales = {getattr(m, "scale", 1) for m in self.stage1}
         if len(scales) != 1:
             raise VrestoreError(f"ensemble members have different scales {sorted(scales)}")
         self.scale = scales.pop()
-        self.stage2 = self._prepare(_as_model(stage2)) if stage2 is not None else None
+        self.stage2 = self._prepare(_as_model(stage2, backend, dev, chunk)) if stage2 is not None else None
         if self.stage2 is not None and getattr(self.stage2, "scale", 1) != 1:
             raise VrestoreError("stage 2 must keep the size (a restoration SwinIR, upscale 1)")
         if chunk < 2 or not 0 <= overlap <= chunk // 2:
@@ -114,8 +148,13 @@ class Restorer:
         self.tta, self.chunk, self.overlap = tta, chunk, overlap
         self.tile, self.tile_overlap, self.stage2_tile = tile, tile_overlap, stage2_tile
         self.dedup = dedup
+        ort = [m for m in [*self.stage1, self.stage2] if m is not None and not isinstance(m, nn.Module)]
+        self.engine = (f"onnxruntime {ort[0].session.get_providers()[0]} float32" if ort
+                       else f"torch {self.precision}")
 
-    def _prepare(self, m: nn.Module) -> nn.Module:
+    def _prepare(self, m):
+        if not isinstance(m, nn.Module):  # an ONNX Runtime graph
+            return m
         m = m.to(self.precision.device).eval()
         if self.channels_last:  # oneDNN's fast conv path on CPUs
             m = m.to(memory_format=torch.channels_last)
@@ -199,6 +238,7 @@ class Restorer:
         unique_pqfs: list[int] | None = [] if pqf_set is not None else None
         self.stats = {"unique_frames": 0}
         buf: list[torch.Tensor] = []  # input frames of the current window
+        recent: deque[torch.Tensor] = deque(maxlen=self.chunk)  # the last inputs: context for the last window
         start = 0  # index (in kept frames) of buf[0]
         pending: torch.Tensor | None = None  # outputs of the overlap, blended into the next window
         ready: list[np.ndarray] = []  # restored kept frames not yet emitted
@@ -224,7 +264,11 @@ class Restorer:
             if final and ov and len(buf) == ov:  # nothing new since the last window
                 out = pending
             else:
-                out = self.run_clip(torch.stack(buf), window_pqfs(start, len(buf)))
+                # The last window reaches back over frames already restored, so
+                # it has a full chunk of temporal context like the others.
+                ctx = min(self.chunk, len(recent)) - len(buf) if final else 0
+                clip = list(recent)[len(recent) - len(buf) - ctx:] if ctx else buf
+                out = self.run_clip(torch.stack(clip), window_pqfs(start - ctx, len(clip)))[ctx:]
                 if ov:
                     w = _ramp(2 * ov, 0, ov)[ov:].view(-1, 1, 1, 1).to(out.device)  # previous window's weight
                     out[:ov] = pending * w + out[:ov] * (1 - w)
@@ -243,6 +287,7 @@ class Restorer:
             if unique_pqfs is not None and orig_idx in pqf_set:
                 unique_pqfs.append(start + len(buf))
             buf.append(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255.0)
+            recent.append(buf[-1])
             if len(buf) >= self.chunk:
                 run(final=False)
             yield from drain(final=False)
@@ -305,7 +350,7 @@ class Restorer:
         unique = self.stats["unique_frames"]
         dt = time.perf_counter() - t0
         extra = {"corrupt_packets": reader.corrupt_packets, "truncated": reader.truncated,
-                 "precision": str(self.precision)}
+                 "precision": self.engine}
         return RestoreReport(str(src), str(dst), n, unique, dt, n / dt if dt else 0.0,
                              pqfs if isinstance(pqfs, list) else None, extra)
 

@@ -23,6 +23,28 @@ from .spynet import SPyNet, flow_warp
 BRANCHES = ("backward_1", "forward_1", "backward_2", "forward_2")
 
 
+def _pick(flag: bool | torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a if flag else b`` for a Python bool, or elementwise for a tensor flag."""
+    if isinstance(flag, bool):
+        return a if flag else b
+    return torch.where(flag, a, b)
+
+
+def pad_frames(lqs: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
+    """Pad (N, T, 3, H, W) at the bottom/right so both sides are multiples of
+    ``multiple`` and at least ``minimum`` (the flow network's smallest input);
+    reflect where the image is large enough, else replicate."""
+    h, w = lqs.shape[-2:]
+    hp, wp = max(-(-h // multiple) * multiple, minimum), max(-(-w // multiple) * multiple, minimum)
+    if (hp, wp) == (h, w):
+        return lqs
+    n, t = lqs.shape[:2]
+    x = lqs.reshape(n * t, 3, h, w)
+    mode = "reflect" if hp - h < h and wp - w < w else "replicate"
+    x = F.pad(x, (0, wp - w, 0, hp - h), mode=mode)
+    return x.reshape(n, t, 3, hp, wp)
+
+
 class ResidualBlockNoBN(nn.Module):
     """conv-ReLU-conv with an identity shortcut."""
 
@@ -185,75 +207,92 @@ class BasicVSRPlusPlus(nn.Module):
         flows_forward = self.spynet(b, a).reshape(n, t - 1, 2, h, w)
         return flows_forward, flows_backward
 
-    def _anchor(self, step: int, order: list[int], pqf: set[int]) -> int:
-        if self.cfg.pqf_propagation:
-            for s in range(step - 2, -1, -1):
-                if order[s] in pqf:
-                    return s
-        return step - 2
+    def _new_anchor(self, order: list[int], pqf: set[int] | torch.Tensor) -> list[bool | torch.Tensor]:
+        """For each step of a propagation order: does the second-order link move
+        to the step two back? With PQF propagation it stays on the latest PQF at
+        least two steps back and only moves when a newer one becomes eligible
+        (or while none has been seen). ``pqf`` is a set of indices or a (T,)
+        0/1 tensor; the tensor form keeps the choice inside an exported graph."""
+        t = len(order)
+        flags: list[bool | torch.Tensor] = [True] * t
+        if not self.cfg.pqf_propagation or t < 3:
+            return flags
+        if isinstance(pqf, torch.Tensor):
+            m = pqf.reshape(-1)[order] > 0.5
+            never = torch.cumsum(m.to(torch.int32), 0) == 0
+            return flags[:2] + [m[i - 2] | never[i - 2] for i in range(2, t)]
+        seen = False
+        for i in range(2, t):
+            is_pqf = order[i - 2] in pqf
+            flags[i] = is_pqf or not seen
+            seen = seen or is_pqf
+        return flags
 
     def propagate(self, spatial: list[torch.Tensor], done: list[list[torch.Tensor]], flows: torch.Tensor,
-                  name: str, pqf: set[int]) -> list[torch.Tensor]:
+                  name: str, pqf: set[int] | torch.Tensor) -> list[torch.Tensor]:
         t = len(spatial)
         backward = name.startswith("backward")
         order = list(range(t - 1, -1, -1)) if backward else list(range(t))
+        new_anchor = self._new_anchor(order, pqf)
         outs: list[torch.Tensor | None] = [None] * t
         history: list[torch.Tensor] = []
-        step_flows: list[torch.Tensor | None] = [None]
-        chain: tuple[int, int, torch.Tensor] | None = None  # (anchor step, step, flow anchor -> step)
+        prev_flow1: torch.Tensor | None = None
+        chain: torch.Tensor | None = None  # flow from the anchor step to the previous step
+        anchor_feat: torch.Tensor | None = None
         feat_prop = spatial[0].new_zeros(spatial[0].shape)
         align = self.deform_align[name]
         for i, idx in enumerate(order):
             cur = spatial[idx]
             if i > 0:
                 flow1 = flows[:, idx] if backward else flows[:, idx - 1]
-                step_flows.append(flow1)
                 cond1 = flow_warp(feat_prop, flow1)
                 if i > 1:
-                    a = self._anchor(i, order, pqf)
-                    if chain is not None and chain[0] == a and chain[1] == i - 1:
-                        flow2 = flow1 + flow_warp(chain[2], flow1)
-                    else:
-                        flow2 = step_flows[a + 1]
-                        for s in range(a + 2, i + 1):
-                            flow2 = step_flows[s] + flow_warp(flow2, step_flows[s])
-                    chain = (a, i, flow2)
-                    feat2 = history[a]
+                    # The anchor either stays (extend its chained flow by one
+                    # step) or moves to step i-2 (restart from the last flow).
+                    new = new_anchor[i]
+                    base = prev_flow1 if chain is None else _pick(new, prev_flow1, chain)
+                    anchor_feat = history[i - 2] if anchor_feat is None else _pick(new, history[i - 2], anchor_feat)
+                    flow2 = flow1 + flow_warp(base, flow1)
+                    chain, feat2 = flow2, anchor_feat
                     cond2 = flow_warp(feat2, flow2)
                 else:
                     feat2 = torch.zeros_like(feat_prop)
                     flow2 = torch.zeros_like(flow1)
                     cond2 = torch.zeros_like(cond1)
                 feat_prop = align(torch.cat([feat_prop, feat2], 1), torch.cat([cond1, cur, cond2], 1), flow1, flow2)
+                prev_flow1 = flow1
             feat = torch.cat([cur] + [d[idx] for d in done] + [feat_prop], dim=1)
             feat_prop = feat_prop + self.backbone[name](feat)
             history.append(feat_prop)
             outs[idx] = feat_prop
         return outs  # type: ignore[return-value]
 
-    def _pad(self, lqs: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        h, w = lqs.shape[-2:]
+    def pad_sizes(self) -> tuple[int, int]:
+        """(multiple, minimum) that input sides are padded to before the network."""
         if self.cfg.is_low_res_input:
-            hp, wp = max(h, self.min_flow_size), max(w, self.min_flow_size)
-        else:
-            hp, wp = max(-(-h // 4) * 4, 4 * self.min_flow_size), max(-(-w // 4) * 4, 4 * self.min_flow_size)
-        if (hp, wp) == (h, w):
-            return lqs, h, w
-        n, t = lqs.shape[:2]
-        x = lqs.reshape(n * t, 3, h, w)
-        mode = "reflect" if hp - h < h and wp - w < w else "replicate"
-        x = F.pad(x, (0, wp - w, 0, hp - h), mode=mode)
-        return x.reshape(n, t, 3, hp, wp), h, w
+            return 1, self.min_flow_size
+        return 4, 4 * self.min_flow_size
 
-    def forward(self, lqs: torch.Tensor, pqfs: list[int] | None = None) -> torch.Tensor:
+    def forward(self, lqs: torch.Tensor, pqfs: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """``pqfs``: PQF indices of the clip, or a (T,) 0/1 mask tensor."""
         if lqs.dim() != 5 or lqs.shape[2] != 3:
             raise ValueError(f"expected (N, T, 3, H, W), got {tuple(lqs.shape)}")
-        lqs, h0, w0 = self._pad(lqs)
+        h0, w0 = lqs.shape[-2:]
+        lqs = pad_frames(lqs, *self.pad_sizes())
+        if lqs.shape[1] < 2:  # a single frame: propagate over itself so every branch sees valid flow
+            out = self.forward_padded(lqs.repeat(1, 2, 1, 1, 1), [0, 1])[:, :1]
+        else:
+            out = self.forward_padded(lqs, pqfs)
+        return out[..., : h0 * self.scale, : w0 * self.scale]
+
+    def forward_padded(self, lqs: torch.Tensor, pqfs: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """The network on frames already padded by ``pad_frames`` (T >= 2);
+        free of size-dependent Python branches, so it traces for export."""
         n, t, c, h, w = lqs.shape
-        if t < 2:  # a single frame: propagate over itself so every branch sees valid flow
-            lqs = lqs.repeat(1, 2, 1, 1, 1)
-            return self.forward(lqs, [0, 1])[:, :1, :, : h0 * self.scale, : w0 * self.scale]
-        pqf = set(range(0, t, self.cfg.pqf_period) if pqfs is None else pqfs)
+        if pqfs is None:
+            pqf: set[int] | torch.Tensor = set(range(0, t, self.cfg.pqf_period))
+        else:
+            pqf = pqfs if isinstance(pqfs, torch.Tensor) else set(pqfs)
         if self.cfg.is_low_res_input:
             lqs_flow = lqs
         else:
@@ -271,8 +310,7 @@ class BasicVSRPlusPlus(nn.Module):
         for i in range(t):
             hr = torch.cat([spatial[i]] + [d[i] for d in done], dim=1)
             outputs.append(self.reconstruct(hr, lqs[:, i]))
-        out = torch.stack(outputs, dim=1)
-        return out[..., : h0 * self.scale, : w0 * self.scale]
+        return torch.stack(outputs, dim=1)
 
     def reconstruct(self, hr: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         hr = self.reconstruction(hr)

@@ -78,9 +78,10 @@ class SPyNet(nn.Module):
 
     def forward(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
         h, w = ref.shape[2:]
-        hu, wu = -(-h // 32) * 32, -(-w // 32) * 32
+        hu, wu = (h + 31) // 32 * 32, (w + 31) // 32 * 32  # not -(-h // 32): ONNX divides truncating
         ref = F.interpolate(ref, size=(hu, wu), mode="bilinear", align_corners=False)
         supp = F.interpolate(supp, size=(hu, wu), mode="bilinear", align_corners=False)
         flow = F.interpolate(self.compute_flow(ref, supp), size=(h, w), mode="bilinear", align_corners=False)
-        scale = torch.tensor([w / wu, h / hu], dtype=flow.dtype, device=flow.device).view(1, 2, 1, 1)
-        return flow * scale
+        # Rescale (dx, dy) to the original size; per-channel products (not a
+        # constant tensor) so that exported graphs keep the sizes dynamic.
+        return torch.cat([flow[:, :1] * (w / wu), flow[:, 1:] * (h / hu)], dim=1)

@@ -128,7 +128,10 @@ class SwinTransformerBlock(nn.Module):
         win = window_partition(x, ws)  # (b*nW, N, C)
         nw = (h // ws) * (w // ws)
         mask = self._mask(h, w, x.device)
-        step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
+        if torch.jit.is_tracing():  # exported graphs take all windows at once (sizes are dynamic there)
+            step = win.shape[0]
+        else:
+            step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
         if step is not None:  # whole images per chunk
             outs = [self._window_chunk(win[i: i + step], mask, nw) for i in range(0, win.shape[0], step)]
         else:  # large image: chunks of windows within one image
@@ -278,6 +281,10 @@ class SwinIR(nn.Module):
         y = self.norm(y)
         return y.transpose(1, 2).reshape(b, c, h, w)
 
+    def pad_sizes(self) -> tuple[int, int]:
+        """(multiple, minimum) that input sides are padded to before the network."""
+        return self.cfg.window_size, self.cfg.window_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ws = self.cfg.window_size
@@ -285,6 +292,12 @@ class SwinIR(nn.Module):
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        s = self.cfg.upscale
+        return self.forward_padded(x)[..., : h * s, : w * s]
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on an input whose sides are multiples of the window
+        (no size-dependent Python branches: it traces for export)."""
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.cfg.img_range
         if self.cfg.upsampler == "pixelshuffle":
@@ -298,9 +311,7 @@ class SwinIR(nn.Module):
             first = self.conv_first(x)
             res = self.conv_after_body(self.forward_features(first)) + first
             x = x + self.conv_last(res)
-        x = x / self.cfg.img_range + mean
-        s = self.cfg.upscale
-        return x[..., : h * s, : w * s]
+        return x / self.cfg.img_range + mean
 
 
 register_model("swinir_m_color_dn", "swinir", embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8,
