@@ -185,7 +185,9 @@ def _check(path: Path, graph: nn.Module, model: nn.Module, role: str, frames: in
     """Compare ONNX Runtime with torch at a size other than the traced one."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.enable_mem_reuse = False  # see infer.onnx_backend: planning time grows fast with T
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inputs = _inputs(model, role, frames, grow=1)
     names = {i.name for i in sess.get_inputs()}  # "pqf" is absent when the model does not use it
     feed = {n: t.numpy() for n, t in zip(["lq", "pqf"], inputs, strict=False) if n in names}

@@ -40,6 +40,10 @@ class OnnxModel:
         if not self.path.is_file():
             raise VrestoreError(f"{self.path}: no such ONNX file")
         opts = ort.SessionOptions()
+        # The unrolled recurrent graph has tens of thousands of nodes; ORT's
+        # buffer-reuse planner is superlinear in them (minutes at T=48) while
+        # tensors are still freed after their last use without it.
+        opts.enable_mem_reuse = False
         if threads:
             opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
