@@ -92,8 +92,9 @@ def _torch_load(path: Path) -> Any:
         raise VrestoreError(f"{path}: refused: the file holds pickled objects other than tensors "
                             f"(it could run code when loaded); convert it to safetensors from a trusted "
                             f"environment. ({str(e).splitlines()[0][:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise VrestoreError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere inside torch.load
+        msg = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise VrestoreError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
 
 
 def _published_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +134,16 @@ def _build_and_load(arch: str, cfg: dict[str, Any], sd: dict[str, torch.Tensor],
         if wrong:
             parts.append(f"{len(wrong)} with wrong shapes (e.g. {wrong[0]})")
         raise VrestoreError(f"{path}: does not match a {arch} with {cfg}: " + "; ".join(parts))
+    # Computed buffers stored in a file must equal ours (a damaged index would
+    # address memory out of range later); weights must be finite.
+    for k in optional & set(sd):
+        if sd[k].dtype != own[k].dtype and not (sd[k].is_floating_point() and own[k].is_floating_point()) \
+                or not torch.equal(sd[k].to(own[k].dtype), own[k]):
+            raise VrestoreError(f"{path}: {k} differs from the value this architecture defines (damaged file?)")
+    sd = {k: v for k, v in sd.items() if k not in optional}
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise VrestoreError(f"{path}: {bad} holds NaN or infinite values (damaged or diverged checkpoint)")
     try:
         model.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError) as e:

@@ -164,8 +164,15 @@ class VideoReader:
             raise _bad(self.path, "contains no video stream")
         s = c.streams.video[0]
         cc = s.codec_context
+        if cc is None:
+            c.close()
+            raise _bad(self.path, "its video stream has an unknown or damaged codec")
         width, height = cc.width, cc.height
-        _check_size(self.path, width, height)
+        try:
+            _check_size(self.path, width, height)
+        except VrestoreError:
+            c.close()
+            raise
         pix_fmt = cc.pix_fmt or (s.format.name if s.format else "") or "yuv420p"
         try:
             bits = av.VideoFormat(pix_fmt).components[0].bits
