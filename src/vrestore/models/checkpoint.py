@@ -134,13 +134,11 @@ def _build_and_load(arch: str, cfg: dict[str, Any], sd: dict[str, torch.Tensor],
         if wrong:
             parts.append(f"{len(wrong)} with wrong shapes (e.g. {wrong[0]})")
         raise VrestoreError(f"{path}: does not match a {arch} with {cfg}: " + "; ".join(parts))
-    # Computed buffers stored in a file must equal ours (a damaged index would
+    # Index buffers stored in a file must equal ours (a damaged index would
     # address memory out of range later); weights must be finite.
     for k in optional & set(sd):
-        if sd[k].dtype != own[k].dtype and not (sd[k].is_floating_point() and own[k].is_floating_point()) \
-                or not torch.equal(sd[k].to(own[k].dtype), own[k]):
+        if not sd[k].is_floating_point() and not torch.equal(sd[k].to(own[k].dtype), own[k]):
             raise VrestoreError(f"{path}: {k} differs from the value this architecture defines (damaged file?)")
-    sd = {k: v for k, v in sd.items() if k not in optional}
     bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise VrestoreError(f"{path}: {bad} holds NaN or infinite values (damaged or diverged checkpoint)")
