@@ -6,6 +6,7 @@ problem and exit with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -35,8 +36,17 @@ console = Console(stderr=True)
 out = Console()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every partial output is cleaned up."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def handled(fn):
-    """Turn user errors into a one-line message and exit status 2."""
+    """Turn user errors into a one-line message and exit status 2; Ctrl-C and
+    SIGTERM unwind normally (partial outputs removed) and exit 130 / 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -45,9 +55,10 @@ def handled(fn):
         except VrestoreError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]; partial outputs were removed")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            console.print(f"[yellow]{what}[/]; partial outputs were removed")
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
     return wrapper
 
@@ -278,6 +289,62 @@ def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *,
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
 
 
+def _warn_damage(src: Path, rep) -> None:
+    """Say what a damaged input cost: its output holds the frames that decoded."""
+    bad, cut = rep.extra.get("corrupt_packets", 0), rep.extra.get("truncated", False)
+    if bad or cut:
+        what = [f"{bad} corrupt packet(s) skipped"] if bad else []
+        what += ["the file ends early (truncated)"] if cut else []
+        console.print(f"[yellow]warning:[/] {src}: {', '.join(what)}; the output holds the {rep.frames} frames "
+                      "that decoded, at their own timestamps", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def claim(dst: Path):
+    """Yield True if this process holds ``dst`` (an exclusive ``.lock`` file
+    beside it, removed afterwards), False if a live process on this machine
+    holds it. Locks of dead processes are taken over."""
+    import os
+    import socket
+
+    lock = dst.with_name(f".{dst.name}.lock")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+                alive = host != socket.gethostname() or _pid_alive(int(pid))
+            except (OSError, ValueError):
+                alive = False  # unreadable or half-written: treat as stale
+            if alive:
+                yield False
+                return
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @app.command()
 @handled
 def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG folder, or a folder of videos."),
@@ -324,13 +391,14 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
                                          raw=raw, progress=tick)
         out.print(f"wrote {rep.output}: {rep.frames} frames in {rep.seconds:.1f} s ({rep.fps:.2f} fps, "
                   f"{rep.extra['precision']})", highlight=False)
+        _warn_damage(src, rep)
         return
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     videos = list_videos(src)[rank::world]  # under torchrun each rank takes its share
     output.mkdir(parents=True, exist_ok=True)
     ext = _EXT[codec or "x264"]
     failures: list[tuple[Path, str]] = []
-    done = skipped = 0
+    done = skipped = elsewhere = 0
     with progress_bar() as pb:
         overall = pb.add_task("videos", total=len(videos), rate="")
         for v in videos:
@@ -339,18 +407,27 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
                 skipped += 1
                 pb.advance(overall)
                 continue
-            task = pb.add_task(v.name, total=None, rate="")
-            try:
-                restorer.restore_video(v, dst, codec=codec or "x264", quality=quality, pqfs=pqfs, overwrite=overwrite,
-                                       progress=lambda i, n, _t=task: pb.update(_t, completed=i, total=n))
-                done += 1
-            except VrestoreError as e:
-                failures.append((v, str(e)))
-            except Exception as e:  # noqa: BLE001 - one bad video must not stop the batch
-                failures.append((v, f"{type(e).__name__}: {e}"))
-            pb.remove_task(task)
+            with claim(dst) as mine:  # another process on this folder may have it
+                if not mine or (dst.exists() and not overwrite):
+                    elsewhere += 1 if not mine else 0
+                    skipped += 1 if mine else 0
+                    pb.advance(overall)
+                    continue
+                task = pb.add_task(v.name, total=None, rate="")
+                try:
+                    rep = restorer.restore_video(v, dst, codec=codec or "x264", quality=quality, pqfs=pqfs,
+                                                 overwrite=overwrite,
+                                                 progress=lambda i, n, _t=task: pb.update(_t, completed=i, total=n))
+                    done += 1
+                    _warn_damage(v, rep)
+                except VrestoreError as e:
+                    failures.append((v, str(e)))
+                except Exception as e:  # noqa: BLE001 - one bad video must not stop the batch
+                    failures.append((v, f"{type(e).__name__}: {e}"))
+                pb.remove_task(task)
             pb.advance(overall)
-    out.print(f"{done} restored, {skipped} already done, {len(failures)} failed")
+    busy = f", {elsewhere} in progress in another process" if elsewhere else ""
+    out.print(f"{done} restored, {skipped} already done{busy}, {len(failures)} failed")
     for v, msg in failures:
         console.print(f"[red]failed[/] {v}: {msg}", highlight=False)
     if failures:
@@ -544,6 +621,9 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -92,3 +92,34 @@ def test_kill_9_then_resume_gives_identical_weights(tmp_path, x4_pairs):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, x4_pairs, monkeypatch):
+    import errno
+
+    import vrestore.train.engine as engine
+    from vrestore.errors import VrestoreError
+
+    _, cfg = _recipe(tmp_path, x4_pairs, [{"name": "a", "iters": 7, "loss": "charbonnier"}])
+    tr = Trainer(cfg)
+    real_save, calls = torch.save, []
+
+    def save_then_fail(obj, f, *a, **kw):  # the first checkpoint succeeds, the next runs out of space
+        calls.append(f)
+        if len(calls) == 1:
+            return real_save(obj, f, *a, **kw)
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.torch, "save", save_then_fail)
+    with pytest.raises(VrestoreError, match="No space left on device"):
+        tr.run()
+    ckpts = sorted(p.name for p in (tmp_path / "run").rglob("*.pt*"))
+    assert ckpts == ["last.pt"]  # the temporary file was removed
+    good = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert good["state"]["global_iter"] == 3
+    monkeypatch.setattr(engine.torch, "save", real_save)
+    tr2 = Trainer(cfg, resume=True)
+    assert tr2.state["global_iter"] == 3
+    tr2.run()

@@ -201,7 +201,11 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, str] |
     meta.update(extra_meta or {})
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(sd, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise VrestoreError(f"{path}: could not write the model ({e}); nothing was replaced") from None
     return path
 

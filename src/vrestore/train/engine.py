@@ -175,10 +175,15 @@ class Trainer:
               "ema": self.ema.state_dict() if self.ema is not None else None, "rng": {"torch": torch.get_rng_state()}}
         path = self.ckpt_dir / name
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        torch.save(ck, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            torch.save(ck, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # full disk, quota, I/O error: keep the previous checkpoint
+            tmp.unlink(missing_ok=True)
+            raise VrestoreError(f"{path}: could not write the checkpoint ({e}); the previous one is kept, "
+                                "free space and resume with --resume") from None
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
