@@ -19,7 +19,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from vrestore.errors import VrestoreError  # noqa: E402
@@ -103,17 +103,19 @@ def test_readers_survive_mutated_files(tmp_path, seeds, data):
     blob = mutate(seeds[name].read_bytes(), data.draw(st.lists(mutation, min_size=1, max_size=4)))
     p = tmp_path / f"case{os.path.splitext(name)[1]}"
     p.write_bytes(blob)
+    n = 0
     with time_limit(30):
         try:
             r = VideoReader(p)
-            for i, f in enumerate(r):
+            for n, f in enumerate(r, start=1):
                 assert f.rgb.ndim == 3 and f.rgb.shape[2] == 3 and f.rgb.dtype in (np.uint8, np.uint16)
                 assert f.rgb.shape[:2] == (r.info.height, r.info.width)
-                if i > 64:
+                if n > 64:
                     break
             r.close()
+            event(f"{name}: opened, {min(n, 4)}{'+' if n > 4 else ''} frames decoded")
         except VrestoreError:
-            pass
+            event(f"{name}: refused with VrestoreError")
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,8 @@ def test_checkpoint_loader_survives_mutated_files(tmp_path, checkpoint_seeds, da
         try:
             m = load(p)
         except VrestoreError:
+            event(f"{name}: refused with VrestoreError")
             return
+    event(f"{name}: loaded")
     with torch.no_grad():  # whatever loaded is a working model
         assert m(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
