@@ -257,6 +257,23 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (configs/...)."),
     out.print(f"done: {final} (best validation PSNR {trainer.state['best_psnr']:.3f} dB)")
 
 
+@app.command("plot-log")
+@handled
+def plot_log(run: Path = typer.Argument(..., help="Run folder (runs/NAME) or its metrics.jsonl."),
+             output: Path = typer.Option(None, "-o", "--output", help="PNG (default: RUN/curves.png)."),
+             smooth: int = typer.Option(25, help="Moving-average window for the loss.")) -> None:
+    """Draw a training run's loss and validation-PSNR curves to a PNG."""
+    from .train.plot import plot_log as draw
+
+    if output is None:
+        output = (run if run.is_dir() else run.parent) / "curves.png"
+    summary = draw(run, output, smooth=max(1, smooth))
+    val = summary.get("val_psnr_first_last_best")
+    extra = f", val PSNR {val[0]:.2f} -> {val[1]:.2f} dB (best {val[2]:.2f} at {summary['best_iter']})" if val else ""
+    out.print(f"wrote {output}: {summary['records']} records to iteration {summary['last_iter']}{extra}",
+              highlight=False, soft_wrap=True)
+
+
 def _parse_pqfs(pqf: str) -> list[int] | str | None:
     if pqf == "auto":
         return "auto"
