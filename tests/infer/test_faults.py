@@ -11,22 +11,8 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
-from vrestore.models import build, save
 from vrestore.video.io import VideoReader, VideoWriter
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    m = build("basicvsrpp_c16n2_x1")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    path = tmp_path_factory.mktemp("model") / "qe.safetensors"
-    save(m, path)
-    return path
 
 
 def _cli(*args) -> subprocess.Popen:
@@ -54,14 +40,14 @@ def _wait_for(pred, timeout=120):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_during_restore_leaves_no_partial_output(tmp_path, small_frames, model, sig, code):
+def test_signal_during_restore_leaves_no_partial_output(tmp_path, small_frames, qe_checkpoint, sig, code):
     src = tmp_path / "in.mkv"
     with VideoWriter(src, codec="ffv1", fps=25) as w:
         for f in np.concatenate([small_frames] * 5)[:60, :48, :64]:
             w.write(np.ascontiguousarray(f))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    p = _cli("restore", src, "-o", out_dir / "out.mkv", "--model", model, "--dtype", "fp32", "--chunk", "4",
+    p = _cli("restore", src, "-o", out_dir / "out.mkv", "--model", qe_checkpoint, "--dtype", "fp32", "--chunk", "4",
              "--overlap", "1")
     assert _wait_for(lambda: any(out_dir.iterdir())), p.communicate()[0]  # the temporary file exists
     p.send_signal(sig)
@@ -70,9 +56,9 @@ def test_signal_during_restore_leaves_no_partial_output(tmp_path, small_frames, 
     assert list(out_dir.iterdir()) == [], output  # neither the final name nor a partial file
 
 
-def test_interrupted_batch_resumes_and_concurrent_batches_share_a_folder(tmp_path, small_frames, model):
+def test_interrupted_batch_resumes_and_concurrent_batches_share_a_folder(tmp_path, small_frames, qe_checkpoint):
     src = _clips(tmp_path / "in", small_frames, 6, 8)
-    common = ["--model", model, "--dtype", "fp32", "--chunk", "4", "--overlap", "1", "--codec", "ffv1"]
+    common = ["--model", qe_checkpoint, "--dtype", "fp32", "--chunk", "4", "--overlap", "1", "--codec", "ffv1"]
     # Reference: one process, undisturbed.
     ref = _cli("restore", src, "-o", tmp_path / "ref", *common)
     assert ref.wait(timeout=600) == 0, ref.communicate()[0]

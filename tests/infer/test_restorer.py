@@ -7,26 +7,17 @@ from torch import nn
 from vrestore.errors import VrestoreError
 from vrestore.infer.restorer import Restorer, tta_forward, tta_inverse
 from vrestore.metrics import psnr
-from vrestore.models import build, save
+from vrestore.models import save
 from vrestore.video.io import VideoReader, probe
-
-
-def _random_model(name, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = build(name, **kw)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m.eval()
 
 
 def _fp32(*a, **kw):
     return Restorer(*a, device="cpu", dtype="fp32", **kw)
 
 
-def test_tta_is_the_average_of_the_eight_transformed_runs(small_frames):
-    s1 = _random_model("basicvsrpp_c16n2_x4")
-    s2 = _random_model("swinir_e24_color_dn", seed=1)
+def test_tta_is_the_average_of_the_eight_transformed_runs(small_frames, random_model):
+    s1 = random_model("basicvsrpp_c16n2_x4")
+    s2 = random_model("swinir_e24_color_dn", seed=1)
     clip = torch.from_numpy(small_frames[:3, :32, :32]).permute(0, 3, 1, 2).float() / 255
     r = _fp32(s1, s2, tta=True)
     got = r.run_clip(clip)
@@ -60,18 +51,18 @@ def test_tta_leaves_an_equivariant_model_unchanged(small_frames):
     assert torch.allclose(_fp32(_Blur(), tta=True).run_clip(clip), _fp32(_Blur()).run_clip(clip), atol=1e-6)
 
 
-def test_ensemble_averages_stage1_outputs(small_frames):
-    a, b = _random_model("basicvsrpp_c16n2_x4", 0), _random_model("basicvsrpp_c16n2_x4", 1)
+def test_ensemble_averages_stage1_outputs(small_frames, random_model):
+    a, b = random_model("basicvsrpp_c16n2_x4", 0), random_model("basicvsrpp_c16n2_x4", 1)
     clip = torch.from_numpy(small_frames[:2, :24, :24]).permute(0, 3, 1, 2).float() / 255
     ens = _fp32([a, b]).run_clip(clip)
     avg = (_fp32(a).run_clip(clip) + _fp32(b).run_clip(clip)) / 2
     assert torch.allclose(ens, avg, atol=1e-6)
     with pytest.raises(VrestoreError, match="different scales"):
-        _fp32([a, _random_model("basicvsrpp_c16n2_x1")])
+        _fp32([a, random_model("basicvsrpp_c16n2_x1")])
 
 
-def test_chunked_stream_matches_whole_sequence(small_frames):
-    m = _random_model("basicvsrpp_c16n2_x1")
+def test_chunked_stream_matches_whole_sequence(small_frames, random_model):
+    m = random_model("basicvsrpp_c16n2_x1")
     frames = np.concatenate([small_frames, small_frames[::-1]])  # 24 real frames
     whole = _fp32(m, chunk=100).restore_frames(frames)
     chunked = _fp32(m, chunk=10, overlap=4).restore_frames(frames)
@@ -80,8 +71,8 @@ def test_chunked_stream_matches_whole_sequence(small_frames):
     assert min(per_frame) > 40, per_frame  # random weights; a trained model is measured in benchmarks/
 
 
-def test_spatial_tiles_match_untiled(small_frames):
-    m = _random_model("basicvsrpp_c16n2_x4")
+def test_spatial_tiles_match_untiled(small_frames, random_model):
+    m = random_model("basicvsrpp_c16n2_x4")
     clip = torch.from_numpy(small_frames[:3]).permute(0, 3, 1, 2).float() / 255
     full = _fp32(m).run_clip(clip)
     tiled = _fp32(m, tile=48, tile_overlap=24).run_clip(clip)
@@ -89,8 +80,8 @@ def test_spatial_tiles_match_untiled(small_frames):
     assert float((tiled - full).abs().mean()) < 2e-3
 
 
-def test_dedup_repeats_outputs(small_frames):
-    m = _random_model("basicvsrpp_c16n2_x1")
+def test_dedup_repeats_outputs(small_frames, random_model):
+    m = random_model("basicvsrpp_c16n2_x1")
     f = small_frames
     clip = np.stack([f[0], f[1], f[1], f[1], f[2], f[3], f[3], f[4]])
     out = _fp32(m, dedup=True, chunk=3, overlap=1).restore_frames(clip)
@@ -101,7 +92,7 @@ def test_dedup_repeats_outputs(small_frames):
     assert psnr(out[4], plain[2]) > 40
 
 
-def test_restore_video_keeps_count_rate_colour_and_audio(tmp_path, bbb):
+def test_restore_video_keeps_count_rate_colour_and_audio(tmp_path, bbb, random_model):
     from vrestore.video.io import VideoWriter
 
     src = tmp_path / "in.mkv"
@@ -110,7 +101,7 @@ def test_restore_video_keeps_count_rate_colour_and_audio(tmp_path, bbb):
                      audio_from=bbb) as w:
         for fr in r:
             w.write(np.ascontiguousarray(fr.rgb[::8, ::8]), fr.pts)
-    m = _random_model("basicvsrpp_c16n2_x4")
+    m = random_model("basicvsrpp_c16n2_x4")
     save(m, tmp_path / "m.safetensors")
     rep = _fp32(str(tmp_path / "m.safetensors"), chunk=4, overlap=1).restore_video(src, tmp_path / "out.mkv")
     a, b = probe(src), probe(tmp_path / "out.mkv")

@@ -183,15 +183,10 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
 
 def _check(path: Path, graph: nn.Module, model: nn.Module, role: str, frames: int, tolerance: float) -> None:
     """Compare ONNX Runtime with torch at a size other than the traced one."""
-    import onnxruntime as ort
+    from ..infer.onnx_backend import OnnxModel
 
-    opts = ort.SessionOptions()
-    opts.enable_mem_reuse = False  # see infer.onnx_backend: planning time grows fast with T
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inputs = _inputs(model, role, frames, grow=1)
-    names = {i.name for i in sess.get_inputs()}  # "pqf" is absent when the model does not use it
-    feed = {n: t.numpy() for n, t in zip(["lq", "pqf"], inputs, strict=False) if n in names}
-    got = torch.from_numpy(sess.run(None, feed)[0])
+    got = OnnxModel(path)._run(**dict(zip(["lq", "pqf"], inputs, strict=False)))
     with torch.no_grad():
         want = graph(*inputs)
     err = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
