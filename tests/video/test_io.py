@@ -213,3 +213,26 @@ def test_packet_sizes_in_display_order(tmp_path, small_frames):
         for f in small_frames:
             w.write(f)
     assert len(packet_sizes(p)) == len(small_frames)
+
+
+def test_narrow_x265_frames_do_not_corrupt_the_heap(tmp_path):
+    """libx265's CU-tree damages the heap below 49 px of width; the writer turns it off there.
+    glibc's malloc checks turn the silent damage into an abort in a child process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    debug = Path("/lib/x86_64-linux-gnu/libc_malloc_debug.so.0")
+    if not debug.exists():
+        pytest.skip("needs glibc's libc_malloc_debug.so.0")
+    code = ("import numpy as np\nfrom vrestore.video.io import VideoWriter\n"
+            "rng = np.random.default_rng(0)\n"
+            "for k in range(8):\n"
+            f"    with VideoWriter(r'{tmp_path}/n.mp4', codec='x265', overwrite=True) as w:\n"
+            "        for _ in range(4):\n"
+            "            w.write(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))\n")
+    env = dict(os.environ, LD_PRELOAD=str(debug), MALLOC_CHECK_="3")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert len(list(VideoReader(tmp_path / "n.mp4"))) == 4

@@ -422,6 +422,11 @@ class VideoWriter:
             if self.codec == "x265":
                 opts["x265-params"] = "log-level=error"
         opts.update(self.encoder_options)
+        if self.codec == "x265" and w < 64:
+            # libx265 (as bundled with PyAV) corrupts the heap in its CU-tree
+            # pass for frames narrower than 49 px (measured with glibc's malloc
+            # checks); without CU-tree it is clean.
+            opts["x265-params"] = ":".join(filter(None, [opts.get("x265-params", ""), "cutree=0"]))
         st.options = opts
         st.codec_context.time_base = self.time_base
         st.time_base = self.time_base
