@@ -88,8 +88,10 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists():
             self._load_checkpoint(last)
-        elif resume:
-            log.warning("no checkpoint in %s; starting from scratch", self.ckpt_dir)
+        else:
+            if resume:
+                log.warning("no checkpoint in %s; starting from scratch", self.ckpt_dir)
+            self._truncate_log(-1)  # a fresh start: records of an earlier attempt would mix with the new ones
         OmegaConf.save(cfg, self.out / "recipe.yaml")
 
     # -- model -------------------------------------------------------------
@@ -99,11 +101,15 @@ class Trainer:
         m = dict(self.cfg.model)
         init = m.pop("init", None)
         name = m.pop("name", None) or m.pop("arch", None)
+        zero_last = bool(m.pop("zero_last", False))
         if init:
             model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
         else:
             torch.manual_seed(self.seed)
             model = build(name, **m)
+            if zero_last:  # start as the identity (global residual only): no pre-trained weights to start from
+                nn.init.zeros_(model.conv_last.weight)
+                nn.init.zeros_(model.conv_last.bias)
         return model.train()
 
     def _param_groups(self, lr: float, spynet_mult: float) -> list[dict]:
@@ -139,30 +145,30 @@ class Trainer:
             elif kind == "noisy_stills":
                 self._datasets[key] = NoisyStills(int(d.patch), tuple(d.get("sigma", (5.0, 50.0))))
             elif kind == "stage1_cache":
-                self._datasets[key] = FramePairs(self._stage1_cache(), int(d.patch))
+                self._datasets[key] = FramePairs(self._stage1_cache(d.train, "stage1_cache"), int(d.patch))
             else:
                 raise VrestoreError(f"unknown data kind {kind!r}")
         return self._datasets[key]
 
-    def _stage1_cache(self) -> Path:
-        """Run the stage-1 model once over the training clips and cache
-        (output, GT) frames for stage-2 fine-tuning."""
+    def _stage1_cache(self, root: str, name: str, frames: int | None = None) -> Path:
+        """Run the stage-1 model once over the clips of ``root`` and cache
+        (output, GT) frames: stage 2 fine-tunes and validates on them."""
         from ..data.pairs import PairedClips
         from ..infer.restorer import Restorer
 
         d = self.cfg.data
-        cache = self.out / "stage1_cache.npz"
+        cache = self.out / f"{name}.npz"
         if cache.exists():
             return cache
-        clips = PairedClips(d.train, 2, 2, dedup=False)
+        clips = PairedClips(root, 2, 2, dedup=False)
         r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
         arrays = {}
         for k, c in enumerate(clips.clips):
-            n = int(d.get("cache_frames", len(c.lq)))
+            n = int(frames or d.get("cache_frames", len(c.lq)))
             arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
             arrays[f"gt_{k}"] = c.gt[:n]
             log.info("stage-1 cache: %s (%d frames)", c.name, n)
-        tmp = cache.with_name(".stage1_cache.tmp.npz")
+        tmp = cache.with_name(f".{name}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, cache)
         return cache
@@ -226,14 +232,19 @@ class Trainer:
         v = self.cfg.get("val")
         if not v or not v.get("data"):
             return None
-        key = "val"
-        if key not in self._datasets:
-            self._datasets[key] = PairedClips(v.data, 2, 2)
         model = (self.ema or self.model).eval()
-        scores = []
         is_video = hasattr(model, "propagate")
+        max_frames = int(v.get("max_frames", 20))
+        if "val" not in self._datasets:
+            if not is_video and self.cfg.data.get("stage1"):  # stage 2 is judged on what stage 1 hands it
+                cache = np.load(self._stage1_cache(v.data, "stage1_val_cache", max_frames))
+                n = len([k for k in cache.files if k.startswith("input_")])
+                self._datasets["val"] = [(str(k), cache[f"input_{k}"], cache[f"gt_{k}"], []) for k in range(n)]
+            else:
+                self._datasets["val"] = PairedClips(v.data, 2, 2).validation_clips(max_frames)
+        scores = []
         with torch.inference_mode(), self.precision.autocast():
-            for _name, lq, gt, pqfs in self._datasets[key].validation_clips(int(v.get("max_frames", 20))):
+            for _name, lq, gt, pqfs in self._datasets["val"]:
                 x = to_tensor(lq).to(self.precision.device)
                 y = model(x.unsqueeze(0), pqfs=pqfs)[0] if is_video else \
                     torch.cat([model(x[i: i + 1]) for i in range(len(x))])
@@ -252,6 +263,8 @@ class Trainer:
         from ..models import save
 
         steps = list(self.cfg.steps)
+        if self.state["global_iter"] == 0 and self.cfg.get("val", {}).get("at_start", False):
+            self._log({"iter": 0, "val_psnr": self.validate(), "sec": 0.0})  # where the curve starts
         while self.state["step_idx"] < len(steps):
             step = steps[self.state["step_idx"]]
             self._run_step(step, progress)
@@ -341,7 +354,6 @@ class Trainer:
             now = time.perf_counter()
             rec = {"iter": g, "step": name, "loss": float(loss.detach()), "lr": self.optim.param_groups[0]["lr"],
                    "sec": now - t_last}
-            t_last = now
             if val_every and g % val_every == 0:
                 rec["val_psnr"] = self.validate()
                 if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
@@ -353,6 +365,7 @@ class Trainer:
             if progress is not None:
                 progress.update(task, completed=self.state["iter_in_step"],
                                 rate=f"loss {float(loss.detach()):.4f} {1 / max(rec['sec'], 1e-9):.2f} it/s")
+            t_last = time.perf_counter()  # "sec" is the training step alone, not validation or checkpoints
 
     def _recover(self) -> None:
         """Repeated non-finite steps: reload the last good checkpoint and halve the learning rate."""
