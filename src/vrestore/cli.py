@@ -249,10 +249,18 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (configs/...)."),
 
     cfg = load_recipe(recipe, overrides)
     trainer = Trainer(cfg, resume=resume, device=device, dtype=dtype)
-    console.print(f"training {cfg.name} on {trainer.precision} -> {trainer.out}")
-    with progress_bar() as pb:
-        final = trainer.run(pb)
-    out.print(f"done: {final} (best validation PSNR {trainer.state['best_psnr']:.3f} dB)")
+    try:
+        if trainer.rank != 0:  # under torchrun, rank 0 alone reports
+            trainer.run()
+            return
+        procs = f" x {trainer.world} processes" if trainer.world > 1 else ""
+        console.print(f"training {cfg.name} on {trainer.precision}{procs} -> {trainer.out}")
+        with progress_bar() as pb:
+            final = trainer.run(pb)
+        best = trainer.state['best_psnr']
+        out.print(f"done: {final}" + (f" (best validation PSNR {best:.3f} dB)" if best > 0 else ""))
+    finally:
+        trainer.close()
 
 
 @app.command("plot-log")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 class PairedClips:
-    """Windows of ``clip_len`` frames from a prepared data set folder."""
+    """Windows of ``clip_len`` frames from a prepared data set folder;
+    ``subset``: clip names or shell patterns (``ldv_*``) to keep."""
 
     def __init__(self, root: str | Path, clip_len: int, patch: int, *, subset: list[str] | None = None,
                  dedup: bool = False, max_frames: int | None = None):
@@ -72,7 +74,7 @@ class PairedClips:
         self.clip_len, self.patch = clip_len, patch
         self.clips: list[Clip] = []
         for name, c in sorted(meta["clips"].items()):
-            if subset and name not in subset:
+            if subset and not any(fnmatch(name, pattern) for pattern in subset):
                 continue
             lq, gt = _read_all(root / c["lq"]), _read_all(root / c["gt"])
             if max_frames:

@@ -12,12 +12,14 @@ exactly the state it would have had.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,70 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     for key in ("name", "model", "steps"):
         if key not in cfg:
             raise VrestoreError(f"{path}: recipe lacks '{key}'")
+    check_steps(cfg, path)
     return cfg
+
+
+def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
+    """Catch at start what would otherwise stop a run hours in: unknown
+    losses or data kinds, and subsets that match no clip."""
+    from fnmatch import fnmatch
+
+    for i, step in enumerate(cfg.steps):
+        label = f"{where}: step {i} ({step.get('name', '?')})"
+        if "iters" not in step:
+            raise VrestoreError(f"{label} lacks 'iters'")
+        if step.get("loss", "charbonnier") not in LOSSES:
+            raise VrestoreError(f"{label}: unknown loss {step.get('loss')!r}; use {', '.join(LOSSES)}")
+        kind = step.get("data", cfg.get("data", {}).get("kind", "pairs"))
+        if kind not in ("pairs", "noisy_stills", "stage1_cache"):
+            raise VrestoreError(f"{label}: unknown data kind {kind!r}")
+        subset = step.get("subset")
+        meta = Path(str(cfg.get("data", {}).get("train", ""))) / "meta.json"
+        if subset and meta.exists():
+            names = json.loads(meta.read_text()).get("clips", {})
+            if not any(fnmatch(n, p) for n in names for p in subset):
+                raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {meta.parent}")
+
+
+def init_distributed(precision: devmod.Precision) -> tuple[int, int, devmod.Precision]:
+    """(rank, world size, this process's precision). Under ``torchrun``
+    (WORLD_SIZE > 1) joins the process group: NCCL with one GPU per local
+    rank, gloo on CPUs; multi-node set-ups come from torchrun's own flags."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, precision
+    import torch.distributed as dist
+
+    cuda = precision.device.type == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        precision = devmod.Precision(torch.device("cuda", local), precision.dtype)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), precision
+
+
+class IterationBatches(torch.utils.data.Dataset):
+    """Item ``g``: this process's share of iteration g's global batch, split
+    into micro-batches for gradient accumulation. A pure function of (seed,
+    g): resuming, the number of processes and the number of data workers
+    leave the samples of every iteration unchanged."""
+
+    def __init__(self, data: Any, batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1):
+        self.data, self.batch, self.seed = data, batch, seed
+        self.rank, self.world, self.accum = rank, world, accum
+
+    def __len__(self) -> int:  # indices come from the sampler (global iterations)
+        return 2**62
+
+    def __getitem__(self, g: int) -> list[tuple]:
+        sample = self.data.sample(self.batch, np.random.default_rng([self.seed, int(g)]))
+        lq, gt, pqfs = sample[0], sample[1], (sample[2] if len(sample) > 2 else None)
+        per = self.batch // (self.world * self.accum)
+        chunks = [(a * self.world + self.rank) * per for a in range(self.accum)]
+        return [(lq[c: c + per], gt[c: c + per], pqfs) for c in chunks]
 
 
 class Trainer:
@@ -73,11 +138,19 @@ class Trainer:
     ``out/checkpoints/last.pt`` and exports ``out/final.safetensors``."""
 
     def __init__(self, cfg: DictConfig, resume: bool = False, device: str = "auto", dtype: str = "auto"):
+        check_steps(cfg, cfg.get("name", "recipe"))
         self.cfg = cfg
         self.out = Path(cfg.get("out", f"runs/{cfg.name}"))
         self.ckpt_dir = self.out / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.precision = devmod.select(cfg.get("device", device), cfg.get("dtype", dtype))
+        self.rank, self.world, self.precision = init_distributed(
+            devmod.select(cfg.get("device", device), cfg.get("dtype", dtype)))
+        self._ddp: nn.Module | None = None
+        self._ddp_key: tuple = ()
+        # fp16 on CUDA needs loss scaling; bf16 and fp32 do not.
+        fp16 = self.precision.device.type == "cuda" and self.precision.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.tb = self._tensorboard() if self.rank == 0 else None
         self.seed = int(cfg.get("seed", 0))
         self.state = {"global_iter": 0, "step_idx": 0, "iter_in_step": 0, "lr_scale": 1.0, "best_psnr": -1.0}
         self.model = self._build_model().to(self.precision.device)
@@ -91,8 +164,28 @@ class Trainer:
         else:
             if resume:
                 log.warning("no checkpoint in %s; starting from scratch", self.ckpt_dir)
-            self._truncate_log(-1)  # a fresh start: records of an earlier attempt would mix with the new ones
-        OmegaConf.save(cfg, self.out / "recipe.yaml")
+            if self.rank == 0:
+                self._truncate_log(-1)  # a fresh start: records of an earlier attempt would mix with the new ones
+        if self.rank == 0:
+            OmegaConf.save(cfg, self.out / "recipe.yaml")
+
+    def close(self) -> None:
+        """Release the TensorBoard writer and leave the process group."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _tensorboard(self):
+        """A TensorBoard writer next to metrics.jsonl when TensorBoard is
+        installed (``log.tensorboard: false`` turns it off)."""
+        if not self.cfg.get("log", {}).get("tensorboard", True):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
 
     # -- model -------------------------------------------------------------
     def _build_model(self) -> nn.Module:
@@ -175,11 +268,13 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------
     def save_checkpoint(self, name: str = "last.pt") -> Path:
+        path = self.ckpt_dir / name
+        if self.rank != 0:  # one writer; every rank holds the same weights
+            return path
         ck = {"model": self.model.state_dict(), "model_config": json.dumps(self.model.config()),
               "model_arch": self.model.arch_name, "state": dict(self.state),
               "optim": self.optim.state_dict() if self.optim else None,
               "ema": self.ema.state_dict() if self.ema is not None else None, "rng": {"torch": torch.get_rng_state()}}
-        path = self.ckpt_dir / name
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
         try:
             torch.save(ck, tmp)
@@ -256,34 +351,49 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------
     def _log(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k in ("loss", "lr", "val_psnr"):
+                if isinstance(rec.get(k), (int, float)):
+                    self.tb.add_scalar(k, rec[k], rec["iter"])
+            self.tb.flush()
 
     def run(self, progress=None) -> Path:
         from ..models import save
 
         steps = list(self.cfg.steps)
-        if self.state["global_iter"] == 0 and self.cfg.get("val", {}).get("at_start", False):
+        if self.state["global_iter"] == 0 and self.rank == 0 and self.cfg.get("val", {}).get("at_start", False):
             self._log({"iter": 0, "val_psnr": self.validate(), "sec": 0.0})  # where the curve starts
         while self.state["step_idx"] < len(steps):
             step = steps[self.state["step_idx"]]
-            self._run_step(step, progress)
+            if not self._run_step(step, progress):
+                continue  # recovered into an earlier step
             # Each step's result stays available (e.g. stage 2's denoising pre-training, for transfer).
-            save(self.ema or self.model, self.ckpt_dir / f"{step.get('name', self.state['step_idx'])}.safetensors")
+            if self.rank == 0:
+                save(self.ema or self.model, self.ckpt_dir / f"{step.get('name', self.state['step_idx'])}.safetensors")
             self.state["step_idx"] += 1
             self.state["iter_in_step"] = 0
             self.optim = None
             self.save_checkpoint()
-        final = save(self.ema or self.model, self.out / "final.safetensors",
-                     {"recipe": self.cfg.name, "iterations": str(self.state["global_iter"])})
+        final = self.out / "final.safetensors"
+        if self.rank == 0:
+            save(self.ema or self.model, final, {"recipe": self.cfg.name, "iterations": str(self.state["global_iter"])})
+        if self.world > 1:
+            torch.distributed.barrier()  # the file exists for every rank once run() returns
         return final
 
-    def _run_step(self, step: DictConfig, progress) -> None:
+    def _run_step(self, step: DictConfig, progress) -> bool:
+        """Train one recipe step to its end; False if a divergence recovery
+        went back to an earlier step (``run`` then carries on from there)."""
         o = self.cfg.get("optim", {})
-        total = int(step.iters)
+        idx, total = self.state["step_idx"], int(step.iters)
         if self.state["iter_in_step"] == 0:
             grow = int(step.get("grow", 0))
-            if grow:
+            if grow:  # new blocks' random init from a fixed seed: data workers and resumes draw on torch's RNG
+                torch.manual_seed(self.seed * 1009 + idx)
                 self.model.grow(grow)
                 if self.ema is not None:
                     self.ema.grow(grow)
@@ -296,6 +406,10 @@ class Trainer:
         loss_fn = LOSSES[step.get("loss", "charbonnier")]
         data = self._dataset(step)
         batch = int(step.get("batch", self.cfg.data.get("batch", 4)))
+        accum = int(step.get("accumulate", self.cfg.get("optim", {}).get("accumulate", 1)))
+        if batch % (self.world * accum):
+            raise VrestoreError(f"batch {batch} must divide into {self.world} processes x {accum} accumulation "
+                                "steps (the recipe's batch is the global batch of one optimiser step)")
         warmup, restarts = float(step.get("warmup", o.get("warmup", 0.1))), int(step.get("restarts", 1))
         freeze = int(o.get("spynet_freeze", 0))
         clip = float(o.get("grad_clip", 0) or 0)
@@ -303,69 +417,113 @@ class Trainer:
         val_every = int(self.cfg.get("val", {}).get("every", 0) or 0)
         is_video = hasattr(self.model, "propagate")
         bad = 0
-        t_last = time.perf_counter()
-        name = step.get("name", f"step{self.state['step_idx']}")
+        name = step.get("name", f"step{idx}")
         task = progress.add_task(name, total=total, rate="") if progress else None
         while self.state["iter_in_step"] < total:
-            it, g = self.state["iter_in_step"], self.state["global_iter"]
-            rng = np.random.default_rng([self.seed, g])
-            factor = lr_factor(it, total, warmup, restarts) * self.state["lr_scale"]
-            for grp in self.optim.param_groups:
-                grp["lr"] = grp["base_lr"] * factor
-            frozen = g < freeze
-            if is_video:
-                for p in self.model.spynet.parameters():
-                    p.requires_grad_(not frozen)
-                lq, gt, pqfs = data.sample(batch, rng)
-            else:
-                lq, gt = data.sample(batch, rng)
-            lq, gt = lq.to(self.precision.device), gt.to(self.precision.device)
-            if self.precision.channels_last and lq.dim() == 4:
-                lq = lq.contiguous(memory_format=torch.channels_last)
-            with self.precision.autocast():
-                out = self.model(lq, pqfs=pqfs) if is_video else self.model(lq)
-            loss = loss_fn(out.float(), gt)
-            self.optim.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                params = [p for p in self.model.parameters() if p.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-                finite = bool(torch.isfinite(norm))
-            if not finite:
-                bad += 1
-                self.optim.zero_grad(set_to_none=True)
-                self._log({"iter": g, "event": "non-finite loss or gradient; step skipped"})
-                if bad >= 3:
-                    self._recover()
-                    bad = 0
+            batches = self._batches(IterationBatches(data, batch, self.seed, self.rank, self.world, accum),
+                                    self.state["global_iter"], total - self.state["iter_in_step"])
+            t_last = time.perf_counter()
+            for micro in batches:
+                it, g = self.state["iter_in_step"], self.state["global_iter"]
+                factor = lr_factor(it, total, warmup, restarts) * self.state["lr_scale"]
+                for grp in self.optim.param_groups:
+                    grp["lr"] = grp["base_lr"] * factor
+                if is_video:
+                    for p in self.model.spynet.parameters():
+                        p.requires_grad_(g >= freeze)
+                loss, norm = self._step(micro, loss_fn, clip, is_video)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    bad += 1
+                    self.optim.zero_grad(set_to_none=True)
+                    self._log({"iter": g, "event": "non-finite loss or gradient; step skipped"})
+                    self.state["global_iter"] += 1
+                    self.state["iter_in_step"] += 1
+                    if bad >= 3:
+                        self._recover()
+                        bad = 0
+                        break  # the data stream restarts at the recovered iteration
+                    continue
+                bad = 0
+                if self.scaler is not None:
+                    self.scaler.step(self.optim)
+                    self.scaler.update()
+                else:
+                    self.optim.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        for pe, pm in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                            pe.lerp_(pm, 1 - ema_decay)
                 self.state["global_iter"] += 1
                 self.state["iter_in_step"] += 1
-                continue
-            bad = 0
-            self.optim.step()
-            if self.ema is not None:
-                with torch.no_grad():
-                    for pe, pm in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                        pe.lerp_(pm, 1 - ema_decay)
-            self.state["global_iter"] += 1
-            self.state["iter_in_step"] += 1
-            g += 1
-            now = time.perf_counter()
-            rec = {"iter": g, "step": name, "loss": float(loss.detach()), "lr": self.optim.param_groups[0]["lr"],
-                   "sec": now - t_last}
-            if val_every and g % val_every == 0:
-                rec["val_psnr"] = self.validate()
-                if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
-                    self.state["best_psnr"] = rec["val_psnr"]
-                    self.save_checkpoint("best.pt")
-            self._log(rec)
-            if g % ckpt_every == 0:
-                self.save_checkpoint()
-            if progress is not None:
-                progress.update(task, completed=self.state["iter_in_step"],
-                                rate=f"loss {float(loss.detach()):.4f} {1 / max(rec['sec'], 1e-9):.2f} it/s")
-            t_last = time.perf_counter()  # "sec" is the training step alone, not validation or checkpoints
+                g += 1
+                now = time.perf_counter()
+                rec = {"iter": g, "step": name, "loss": loss, "lr": self.optim.param_groups[0]["lr"],
+                       "sec": now - t_last}
+                if val_every and g % val_every == 0 and self.rank == 0:
+                    rec["val_psnr"] = self.validate()
+                    if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
+                        self.state["best_psnr"] = rec["val_psnr"]
+                        self.save_checkpoint("best.pt")
+                self._log(rec)
+                if g % ckpt_every == 0:
+                    self.save_checkpoint()
+                if progress is not None:
+                    progress.update(task, completed=self.state["iter_in_step"],
+                                    rate=f"loss {loss:.4f} {1 / max(rec['sec'], 1e-9):.2f} it/s")
+                t_last = time.perf_counter()  # "sec" is the training step alone, not validation or checkpoints
+            if self.state["step_idx"] != idx:
+                return False
+        return True
+
+    def _batches(self, source: IterationBatches, g0: int, n: int) -> Iterable:
+        """Batches of iterations g0 .. g0+n-1, made ahead by ``data.workers``
+        processes so that cropping and augmentation never stall the step."""
+        workers = int(self.cfg.data.get("workers", 0))
+        if workers <= 0:
+            return (source[g] for g in range(g0, g0 + n))
+        return torch.utils.data.DataLoader(source, batch_size=None, sampler=range(g0, g0 + n),
+                                           num_workers=workers, prefetch_factor=4)
+
+    def _step(self, micro: list[tuple], loss_fn, clip: float, is_video: bool) -> tuple[float, float]:
+        """Forward and backward over this process's micro-batches (gradients
+        averaged over processes and micro-batches), then clip. Returns (global
+        mean loss, gradient norm); both non-finite checks agree on every rank."""
+        model = self._wrapped()
+        self.optim.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.precision.device)
+        for k, mb in enumerate(micro):
+            lq, gt = mb[0].to(self.precision.device), mb[1].to(self.precision.device)
+            if self.precision.channels_last and lq.dim() == 4:
+                lq = lq.contiguous(memory_format=torch.channels_last)
+            sync = k == len(micro) - 1 or model is self.model
+            with contextlib.nullcontext() if sync else model.no_sync(), self.precision.autocast():
+                out = model(lq, pqfs=mb[2]) if is_video else model(lq)
+                loss = loss_fn(out.float(), gt) / len(micro)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach()
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+            total /= self.world
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optim)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        return float(total), float(norm)
+
+    def _wrapped(self) -> nn.Module:
+        """The model as the forward pass sees it: itself, or wrapped in DDP,
+        rebuilt whenever the set of trained parameters changes (growth,
+        SPyNet unfreezing)."""
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        key = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+        if self._ddp is None or self._ddp_key != key:
+            ids = [self.precision.device.index] if self.precision.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self._ddp_key = key
+        return self._ddp
 
     def _recover(self) -> None:
         """Repeated non-finite steps: reload the last good checkpoint and halve the learning rate."""
