@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -347,11 +347,27 @@ def write_report(s: dict) -> None:
 
 # -- driver ------------------------------------------------------------------------
 def _pool(jobs: int, fn, args: list[tuple]) -> None:
+    """Run ``fn(*a)`` for each ``a``, ``jobs`` at a time; stopping the driver
+    (Ctrl-C, SIGTERM) stops its workers too, and a rerun resumes them."""
     if not args:
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as ex:
-        for msg in ex.map(fn, *zip(*args, strict=True)):
+    pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+    try:
+        for msg in pool.starmap(fn, args, chunksize=1):
             print(msg, flush=True)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _stop(*_: object) -> None:
+    """SIGTERM: stop the workers with the driver (a rerun resumes them)."""
+    for p in multiprocessing.active_children():
+        p.terminate()
+    sys.exit(143)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the stage-1 runs")
     a = ap.parse_args(argv)
     os.chdir(ROOT)
+    signal.signal(signal.SIGTERM, _stop)
     if a.what in ("all", "data"):
         build_data()
     if a.what in ("all", "train"):
