@@ -43,7 +43,8 @@ def _wait_for(pred, timeout=120):
 def test_signal_during_restore_leaves_no_partial_output(tmp_path, small_frames, qe_checkpoint, sig, code):
     src = tmp_path / "in.mkv"
     with VideoWriter(src, codec="ffv1", fps=25) as w:
-        for f in np.concatenate([small_frames] * 5)[:60, :48, :64]:
+        # long enough that a loaded machine cannot finish before the signal (it arrives within the first frames)
+        for f in np.concatenate([small_frames] * 20)[:400, :48, :64]:
             w.write(np.ascontiguousarray(f))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
