@@ -9,6 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
+def _pyav_encode(path, frames, codec, pix_fmt, fps=25, options=None, in_format="rgb24"):
+    """Write frames with PyAV directly (a writer independent of ours), to make
+    inputs of kinds our VideoWriter does not produce."""
+    import av
+
+    with av.open(str(path), "w") as oc:
+        st = oc.add_stream(codec, rate=fps)
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        st.options = options or {}
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format=in_format).reformat(format=pix_fmt, src_colorspace="ITU601")
+            vf.pts = i
+            for p in st.encode(vf):
+                oc.mux(p)
+        for p in st.encode(None):
+            oc.mux(p)
+
+
+@pytest.fixture(scope="session")
+def pyav_encode():
+    """``pyav_encode(path, frames (T, H, W, C) uint8, codec, pix_fmt, fps=25, options=None, in_format="rgb24")``."""
+    return _pyav_encode
+
+
 REFERENCE = Path(os.environ.get("VRESTORE_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 

@@ -66,12 +66,7 @@ def _write(path: Path, frames: np.ndarray, fps: float = 25) -> None:
 def _read(path: Path, n: int | None = None) -> np.ndarray:
     from vrestore.video.io import VideoReader
 
-    out = []
-    for f in VideoReader(path):
-        out.append(f.rgb)
-        if n and len(out) == n:
-            break
-    return np.stack(out)
+    return np.stack([f.rgb for f in VideoReader(path, max_frames=n)])
 
 
 def build_data() -> None:
@@ -112,12 +107,9 @@ def build_data() -> None:
 
 # -- training ------------------------------------------------------------------
 def recipe(name: str, seed: int):
-    from omegaconf import OmegaConf
+    from vrestore.train.engine import load_recipe
 
-    cfg = OmegaConf.load(RECIPES / f"{name}.yaml")
-    if "base" in cfg:
-        base = OmegaConf.load(RECIPES / cfg.base)
-        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "base"})
+    cfg = load_recipe(RECIPES / f"{name}.yaml")
     run = f"{name}_seed{seed}"
     cfg.name, cfg.seed, cfg.out = run, seed, str(RUNS / run)
     return cfg

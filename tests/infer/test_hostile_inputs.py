@@ -2,7 +2,6 @@
 
 import shutil
 
-import av
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -73,25 +72,14 @@ def test_tiny_and_odd_sizes(h, w, small_frames):
         assert out.shape == (3, h * r.scale, w * r.scale, 3)
 
 
-def test_alpha_channels_are_dropped(tmp_path, small_frames, qe_checkpoint):
+def test_alpha_channels_are_dropped(tmp_path, small_frames, qe_checkpoint, pyav_encode):
     rgba = np.concatenate([small_frames[:3, :32, :48], np.full((3, 32, 48, 1), 128, np.uint8)], axis=-1)
     folder = tmp_path / "frames"
     folder.mkdir()
     for i, f in enumerate(rgba):
-        with av.open(str(folder / f"{i:03d}.png"), "w") as oc:
-            s = oc.add_stream("png")
-            s.width, s.height, s.pix_fmt = 48, 32, "rgba"
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgba")):
-                oc.mux(pkt)
+        pyav_encode(folder / f"{i:03d}.png", f[None], "png", "rgba", in_format="rgba")
     video = tmp_path / "alpha.mov"
-    with av.open(str(video), "w") as oc:
-        s = oc.add_stream("qtrle", rate=25)
-        s.width, s.height, s.pix_fmt = 48, 32, "argb"
-        for f in rgba:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgba").reformat(format="argb")):
-                oc.mux(pkt)
-        for pkt in s.encode():
-            oc.mux(pkt)
+    pyav_encode(video, rgba, "qtrle", "argb", in_format="rgba")
     for src in (folder, video):
         frames = [f.rgb for f in VideoReader(src)]
         assert len(frames) == 3 and frames[0].shape == (32, 48, 3)

@@ -81,3 +81,17 @@ def test_stage2_transfer_recipe_runs_end_to_end(tmp_path, tiny_pairs, random_mod
     assert load(final).arch_name == "swinir"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_a_variant_recipe_is_its_base_with_its_changes(tmp_path):
+    OmegaConf.save(OmegaConf.create({"name": "base", "model": {"name": "basicvsrpp_c16n2_x1", "pqf_propagation": True},
+                                     "steps": [{"iters": 4}, {"iters": 2, "loss": "mse"}]}), tmp_path / "base.yaml")
+    OmegaConf.save(OmegaConf.create({"name": "v", "base": "base.yaml", "model": {"pqf_propagation": False}}),
+                   tmp_path / "v.yaml")
+    cfg = load_recipe(tmp_path / "v.yaml")
+    assert cfg.name == "v" and "base" not in cfg
+    assert cfg.model.name == "basicvsrpp_c16n2_x1" and cfg.model.pqf_propagation is False
+    assert [s.iters for s in cfg.steps] == [4, 2]
+    OmegaConf.save(OmegaConf.create({"name": "w", "base": "missing.yaml"}), tmp_path / "w.yaml")
+    with pytest.raises(VrestoreError, match="missing.yaml: no such recipe"):
+        load_recipe(tmp_path / "w.yaml")

@@ -70,7 +70,7 @@ def mutate(blob: bytes, ops) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory, small_frames) -> dict[str, Path]:
+def seeds(tmp_path_factory, small_frames, pyav_encode) -> dict[str, Path]:
     """Small valid files of each kind the readers take."""
     d = tmp_path_factory.mktemp("seeds")
     frames = [np.ascontiguousarray(f) for f in small_frames[:4, :32, :48]]
@@ -78,16 +78,7 @@ def seeds(tmp_path_factory, small_frames) -> dict[str, Path]:
     for ext, codec in ((".mp4", "x264"), (".mkv", "ffv1"), (".mp4", "x265"), (".y4m", "y4m")):
         p = d / f"seed_{codec}{ext}"
         if codec == "y4m":
-            import av
-
-            with av.open(str(p), "w") as oc:
-                s = oc.add_stream("rawvideo", rate=25)
-                s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
-                for f in frames:
-                    for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")):
-                        oc.mux(pkt)
-                for pkt in s.encode():
-                    oc.mux(pkt)
+            pyav_encode(p, np.stack(frames), "rawvideo", "yuv420p")
         else:
             with VideoWriter(p, codec=codec, fps=25) as w:
                 for f in frames:

@@ -9,29 +9,13 @@ from vrestore.metrics import psnr
 from vrestore.video.colour import ColourInfo, rgb_to_planes
 from vrestore.video.io import RawSpec, VideoReader, VideoWriter, packet_sizes, probe
 
-
-def _encode(path, frames, codec, pix_fmt, fps=25, options=None):
-    """Write frames with PyAV directly (an independent writer) for the reader tests."""
-    with av.open(str(path), "w") as oc:
-        st = oc.add_stream(codec, rate=fps)
-        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        st.options = options or {}
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format=pix_fmt, src_colorspace="ITU601")
-            vf.pts = i
-            for p in st.encode(vf):
-                oc.mux(p)
-        for p in st.encode(None):
-            oc.mux(p)
-
-
 CASES = [("mp4", "libx264", "yuv420p"), ("mkv", "libx265", "yuv420p"), ("webm", "libvpx-vp9", "yuv420p"),
          ("mkv", "libsvtav1", "yuv420p"), ("avi", "mpeg4", "yuv420p"), ("mov", "mjpeg", "yuvj420p"),
          ("mkv", "ffv1", "yuv444p"), ("y4m", "rawvideo", "yuv420p")]
 
 
 @pytest.mark.parametrize("ext,codec,pix_fmt", CASES, ids=[f"{c[1]}.{c[0]}" for c in CASES])
-def test_reads_containers_and_codecs(tmp_path, small_frames, ext, codec, pix_fmt):
+def test_reads_containers_and_codecs(tmp_path, small_frames, pyav_encode, ext, codec, pix_fmt):
     frames = small_frames[:6]
     if codec == "libsvtav1":
         frames = np.stack([np.pad(f, ((0, 0), (0, 0), (0, 0))) for f in frames])
@@ -39,7 +23,7 @@ def test_reads_containers_and_codecs(tmp_path, small_frames, ext, codec, pix_fmt
     opts = {"crf": "18"} if codec in ("libx264",) else {}
     if codec == "libx265":
         opts = {"x265-params": "log-level=error:crf=18"}
-    _encode(path, frames, codec, pix_fmt, options=opts)
+    pyav_encode(path, frames, codec, pix_fmt, options=opts)
     with VideoReader(path) as r:
         got = [f for f in r]
     assert len(got) == len(frames)

@@ -40,6 +40,8 @@ def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Te
 
 
 LOSSES = {"charbonnier": charbonnier, "mse": F.mse_loss, "l1": F.l1_loss}
+#: training data of a step: prepared pairs, noisy photographs (stage-2 pre-training), cached stage-1 outputs
+DATA_KINDS = ("pairs", "noisy_stills", "stage1_cache")
 
 
 def lr_factor(it: int, total: int, warmup: float, restarts: int, floor: float = 0.01) -> float:
@@ -60,8 +62,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise VrestoreError(f"{path}: no such recipe")
     try:
         cfg = OmegaConf.load(path)
+        if "base" in cfg:  # a variant: the base recipe (relative to this file) with what this one changes
+            base = load_recipe(path.parent / str(cfg.base))
+            cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "base"})
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except VrestoreError:  # from the base recipe: it names its own file
+        raise
     except Exception as e:  # omegaconf raises many types for malformed YAML/overrides
         raise VrestoreError(f"{path}: {e}") from None
     for key in ("name", "model", "steps"):
@@ -76,6 +83,8 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
     losses or data kinds, and subsets that match no clip."""
     from fnmatch import fnmatch
 
+    meta = Path(str(cfg.get("data", {}).get("train", ""))) / "meta.json"
+    clips = json.loads(meta.read_text()).get("clips", {}) if meta.exists() else None
     for i, step in enumerate(cfg.steps):
         label = f"{where}: step {i} ({step.get('name', '?')})"
         if "iters" not in step:
@@ -83,13 +92,11 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
         if step.get("loss", "charbonnier") not in LOSSES:
             raise VrestoreError(f"{label}: unknown loss {step.get('loss')!r}; use {', '.join(LOSSES)}")
         kind = step.get("data", cfg.get("data", {}).get("kind", "pairs"))
-        if kind not in ("pairs", "noisy_stills", "stage1_cache"):
+        if kind not in DATA_KINDS:
             raise VrestoreError(f"{label}: unknown data kind {kind!r}")
         subset = step.get("subset")
-        meta = Path(str(cfg.get("data", {}).get("train", ""))) / "meta.json"
-        if subset and meta.exists():
-            names = json.loads(meta.read_text()).get("clips", {})
-            if not any(fnmatch(n, p) for n in names for p in subset):
+        if subset and clips is not None:
+            if not any(fnmatch(n, p) for n in clips for p in subset):
                 raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {meta.parent}")
 
 
@@ -237,10 +244,8 @@ class Trainer:
                                                   dedup=bool(d.get("dedup", False)))
             elif kind == "noisy_stills":
                 self._datasets[key] = NoisyStills(int(d.patch), tuple(d.get("sigma", (5.0, 50.0))))
-            elif kind == "stage1_cache":
+            else:  # stage1_cache (check_steps admits DATA_KINDS only)
                 self._datasets[key] = FramePairs(self._stage1_cache(d.train, "stage1_cache"), int(d.patch))
-            else:
-                raise VrestoreError(f"unknown data kind {kind!r}")
         return self._datasets[key]
 
     def _stage1_cache(self, root: str, name: str, frames: int | None = None) -> Path:
@@ -321,7 +326,7 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------
     def validate(self) -> float | None:
-        from ..data.pairs import PairedClips, to_tensor
+        from ..data.pairs import FramePairs, PairedClips, to_tensor
         from ..metrics import psnr
 
         v = self.cfg.get("val")
@@ -332,9 +337,9 @@ class Trainer:
         max_frames = int(v.get("max_frames", 20))
         if "val" not in self._datasets:
             if not is_video and self.cfg.data.get("stage1"):  # stage 2 is judged on what stage 1 hands it
-                cache = np.load(self._stage1_cache(v.data, "stage1_val_cache", max_frames))
-                n = len([k for k in cache.files if k.startswith("input_")])
-                self._datasets["val"] = [(str(k), cache[f"input_{k}"], cache[f"gt_{k}"], []) for k in range(n)]
+                cache = FramePairs(self._stage1_cache(v.data, "stage1_val_cache", max_frames), patch=0)
+                pairs = enumerate(zip(cache.inp, cache.gt, strict=True))
+                self._datasets["val"] = [(str(k), x, y, []) for k, (x, y) in pairs]
             else:
                 self._datasets["val"] = PairedClips(v.data, 2, 2).validation_clips(max_frames)
         scores = []
@@ -406,7 +411,7 @@ class Trainer:
         loss_fn = LOSSES[step.get("loss", "charbonnier")]
         data = self._dataset(step)
         batch = int(step.get("batch", self.cfg.data.get("batch", 4)))
-        accum = int(step.get("accumulate", self.cfg.get("optim", {}).get("accumulate", 1)))
+        accum = int(step.get("accumulate", o.get("accumulate", 1)))
         if batch % (self.world * accum):
             raise VrestoreError(f"batch {batch} must divide into {self.world} processes x {accum} accumulation "
                                 "steps (the recipe's batch is the global batch of one optimiser step)")
