@@ -10,16 +10,19 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py chunks     # chunked vs whole-sequence outputs (bundled model), per frame
     python benchmarks/run.py onnx       # onnxruntime (CPU) vs torch fp32 and bf16, per stage, 960x536
     python benchmarks/run.py load       # 20 clips, 2 concurrent `restore` processes on one folder: checked
-    python benchmarks/run.py train      # training it/s of the small QE recipe: bf16 + channels_last vs fp32 eager
+    python benchmarks/run.py train      # training it/s of the small QE recipe: bf16 + kept heap vs fp32 eager
     python benchmarks/run.py report     # rewrite RESULTS.md
 
 Run on an otherwise idle machine; each measurement states its precision,
-threads and machine.
+threads and machine. Measurements of vrestore's own engine run with the heap
+that keeps freed memory mapped, as the ``vrestore`` command does; the
+baselines that stand for the straightforward way use glibc's default.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -46,6 +49,7 @@ def _timeit(fn, repeat: int = 5, warmup: int = 2) -> float:
 def _save(name: str, data: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     data["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu(),
+                   "heap": "system" if os.environ.get("VRESTORE_MALLOC") == "system" else "kept",
                    "date": time.strftime("%Y-%m-%d")}
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     print(json.dumps(data, indent=1))
@@ -62,8 +66,22 @@ def _cpu() -> str:
 
 
 def dcn() -> None:
+    """The deformable conv against a conv2d of the same shape, in a child process
+    per allocator setting (glibc's default, and the kept heap the CLI uses)."""
+    rows = []
+    for malloc in ("system", "kept"):
+        env = os.environ | {"VRESTORE_MALLOC": malloc}
+        out = subprocess.run([sys.executable, __file__, "_dcn_rows"], capture_output=True, text=True, check=True,
+                             env=env)
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    _save("dcn", {"shape": "in 128 ch (2x64), out 64, 16 deform groups, 3x3, 180x320, forward", "rows": rows})
+
+
+def _dcn_rows() -> None:
+    from vrestore.infer.device import keep_freed_memory
     from vrestore.models.dcn import modulated_deform_conv2d
 
+    kept = keep_freed_memory()
     torch.manual_seed(0)
     rows = []
     for dtype in ("fp32", "bf16"):
@@ -82,9 +100,9 @@ def dcn() -> None:
                 t_dcn = _timeit(lambda x=x, w=w, b=b, off=off, mask=mask: modulated_deform_conv2d(
                     x, off, mask, w, b, 1, 1, 1, 1, 16))
                 t_conv = _timeit(lambda x=x, conv=conv: conv(x))
-            rows.append({"dtype": dtype, "channels_last": cl, "dcn_ms": t_dcn * 1e3, "conv_ms": t_conv * 1e3,
-                         "ratio": t_dcn / t_conv})
-    _save("dcn", {"shape": "in 128 ch (2x64), out 64, 16 deform groups, 3x3, 180x320, forward", "rows": rows})
+            rows.append({"malloc": "kept" if kept else "system", "dtype": dtype, "channels_last": cl,
+                         "dcn_ms": t_dcn * 1e3, "conv_ms": t_conv * 1e3, "ratio": t_dcn / t_conv})
+    print(json.dumps(rows))
 
 
 def _stage1_fps(name: str, w: int, h: int, dtype: str, frames: int = 10) -> float:
@@ -173,9 +191,11 @@ def chunks() -> None:
                      "per_frame_psnr": [round(float(p), 2) if np.isfinite(p) else "inf" for p in per]})
 
 
-def _subprocess(args: list[str]) -> dict:
+def _subprocess(args: list[str], malloc: str = "kept") -> dict:
+    """`vrestore bench` in a child process; malloc="system" leaves glibc's allocator as it is (the CLI
+    otherwise keeps freed memory mapped, see vrestore.infer.device.keep_freed_memory)."""
     out = subprocess.run([sys.executable, "-m", "vrestore.cli", "bench", *args], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=os.environ | {"VRESTORE_MALLOC": malloc})
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 
@@ -191,8 +211,9 @@ def memory() -> None:
 
 
 def speed() -> None:
-    args = ["--model", "basicvsrpp_c64n7_x1", "--stage2", "none", "--size", "960x536", "--frames", "20"]
-    naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000", "--plain"])
+    args = ["--model", "basicvsrpp_c64n7_x1", "--stage2", "none", "--size", "960x536", "--frames", "20",
+            "--warmup", "4"]  # steady state for both: kernel set-up and first-touch memory are not throughput
+    naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000", "--plain"], malloc="system")
     ours = _subprocess([*args, "--dtype", "auto"])
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
 
@@ -302,21 +323,16 @@ def load() -> None:
 
 def train() -> None:
     """Iterations/s of the small CPU QE recipe's first step (the real engine:
-    data sampling, forward, loss, backward, clipping, Adam, EMA), bf16 autocast
-    vs plain fp32 eager (no compile in either), on a real clip prepared with
-    the LDV protocol."""
+    data sampling, forward, loss, backward, clipping, Adam, EMA) on a real clip
+    prepared with the LDV protocol. The baseline is plain fp32 eager on glibc's
+    default heap; against it, what `vrestore train` does here (bf16 autocast,
+    the kept heap) and each of the two alone. One child process per row."""
     import tempfile
 
-    import numpy as np
-    from omegaconf import OmegaConf
-
     from vrestore.data.sources import sample_clip
-    from vrestore.train.engine import Trainer
-    from vrestore.train.plot import read_log
     from vrestore.video.degrade import prepare_dataset
     from vrestore.video.io import VideoReader, VideoWriter
 
-    iters, skip = 10, 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "clean"
@@ -325,22 +341,42 @@ def train() -> None:
             for f in VideoReader(sample_clip("bikes"), max_frames=40):
                 w.write(f.rgb)
         prepare_dataset(clean, Path(tmp) / "qe", task="qe")
-        base = OmegaConf.load(HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml")
-        for dtype in ("fp32", "bf16"):
-            cfg = OmegaConf.merge(base, {"out": f"{tmp}/run_{dtype}", "dtype": dtype, "device": "cpu",
-                                         "data": {"train": f"{tmp}/qe"}, "val": {"every": 0},
-                                         "checkpoint_every": 10 ** 6})
-            cfg.steps = [{"name": "bench", "iters": iters, "loss": "charbonnier"}]
-            tr = Trainer(cfg)
-            tr.run()
-            secs = [r["sec"] for r in read_log(Path(tmp) / f"run_{dtype}") if "sec" in r][skip:]
-            rows.append({"dtype": dtype,
-                         "it_per_s": 1 / float(np.mean(secs)), "sec_per_it": float(np.mean(secs))})
-    rows[1]["speedup"] = rows[1]["it_per_s"] / rows[0]["it_per_s"]
-    rows[0]["speedup"] = 1.0
+        for dtype, malloc in (("fp32", "system"), ("fp32", "kept"), ("bf16", "system"), ("bf16", "kept")):
+            out = subprocess.run([sys.executable, __file__, "_train_row", tmp, dtype],
+                                 capture_output=True, text=True, check=True,
+                                 env=os.environ | {"VRESTORE_MALLOC": malloc})
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for r in rows:
+        r["speedup"] = r["it_per_s"] / rows[0]["it_per_s"]
     _save("train", {"recipe": "configs/qe_basicvsrpp_c32n4_pqf_cpu.yaml (first step)", "batch": 2, "clip_len": 7,
-                    "patch": 256, "iterations_timed": iters - skip, "amx": bool(torch.cpu._is_amx_tile_supported()),
-                    "rows": rows})
+                    "patch": 256, "iterations_timed": TRAIN_ITERS - TRAIN_SKIP,
+                    "amx": bool(torch.cpu._is_amx_tile_supported()), "rows": rows})
+
+
+TRAIN_ITERS, TRAIN_SKIP = 10, 2
+
+
+def _train_row(tmp: str, dtype: str) -> None:
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from vrestore.infer.device import keep_freed_memory
+    from vrestore.train.engine import Trainer
+    from vrestore.train.plot import read_log
+
+    kept = keep_freed_memory()
+    base = OmegaConf.load(HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml")
+    run = f"{tmp}/run_{dtype}_{'kept' if kept else 'system'}"
+    cfg = OmegaConf.merge(base, {"out": run, "dtype": dtype, "device": "cpu",
+                                 "data": {"train": f"{tmp}/qe"}, "val": {"every": 0},
+                                 "checkpoint_every": 10 ** 6})
+    cfg.steps = [{"name": "bench", "iters": TRAIN_ITERS, "loss": "charbonnier"}]
+    tr = Trainer(cfg)
+    tr.run()
+    secs = [r["sec"] for r in read_log(Path(run)) if "sec" in r]
+    print(json.dumps({"dtype": dtype, "heap": "kept" if kept else "system",
+                      "it_per_s": 1 / float(np.mean(secs[TRAIN_SKIP:])),
+                      "sec_per_it": float(np.mean(secs[TRAIN_SKIP:])), "first_iters_s": float(sum(secs[:TRAIN_SKIP]))}))
 
 
 def report() -> None:
@@ -369,6 +405,13 @@ def report() -> None:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "report"
+    if what == "_dcn_rows":  # the child processes of dcn() and train()
+        sys.exit(_dcn_rows())
+    if what == "_train_row":
+        sys.exit(_train_row(*sys.argv[2:4]))
+    from vrestore.infer.device import keep_freed_memory
+
+    keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "memory": memory, "speed": speed, "swin1080": swin1080,
            "chunks": chunks, "onnx": onnx, "load": load, "train": train, "report": report}
     for name in (list(fns)[:-1] if what == "all" else [what]):

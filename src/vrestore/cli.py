@@ -86,6 +86,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debu
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
     logging.getLogger("libav").setLevel(logging.ERROR)
+    from .infer.device import keep_freed_memory
+
+    logging.getLogger(__name__).debug("large tensors on a kept heap: %s", keep_freed_memory())
 
 
 @app.command()
@@ -609,6 +612,8 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           stage2: str = typer.Option("none", help="Stage-2 model (name, path) or none."),
           size: str = typer.Option("854x480", help="Input WIDTHxHEIGHT."),
           frames: int = typer.Option(30), chunk: int = typer.Option(32), overlap: int = typer.Option(8),
+          warmup: int = typer.Option(0, help="Frames restored first and not timed (kernel set-up, first-touch "
+                                              "memory), for a steady-state rate."),
           whole: bool = typer.Option(False, help="The straightforward way: whole clip in one tensor."),
           plain: bool = typer.Option(False, help="No channels_last (plain eager layout)."),
           device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
@@ -636,7 +641,7 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
     else:
         r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk,
                      overlap=min(overlap, chunk // 2), channels_last=False if plain else None)
-    res = run_bench(r, w, h, frames, whole=whole) | {"model": model, "stage2": stage2, "plain": plain}
+    res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": stage2, "plain": plain}
     text = json.dumps(res, indent=1)
     out.print_json(text)
     if json_out:

@@ -15,10 +15,17 @@ import pytest
 from vrestore.video.io import VideoReader, VideoWriter
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a shell without job control inherits an ignored SIGINT, which
+    # Python (rightly) keeps; the child gets the default a user's terminal gives it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "vrestore.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _clips(folder, frames, n, length):

@@ -99,3 +99,39 @@ def test_exports_to_onnx_and_runs(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)})[0]
     assert abs(got - m(*inputs).detach().numpy()).max() < 1e-4
+
+
+def _dcn_inputs(seed: int, c: int = 16, dg: int = 4, h: int = 10, w: int = 13):
+    torch.manual_seed(seed)
+    return (torch.randn(2, c, h, w), torch.randn(2, 2 * dg * 9, h, w) * 2, torch.rand(2, dg * 9, h, w),
+            torch.randn(8, c // 2, 3, 3) * 0.1, torch.randn(8))
+
+
+def test_inference_path_matches_autograd_path_and_leaves_inputs_alone():
+    """Without autograd the columns are modulated in place; that must not change the result or the mask."""
+    x, off, mask, w, b = _dcn_inputs(4)
+    mask_before = mask.clone()
+    with torch.no_grad():
+        fast = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4)
+    graded = modulated_deform_conv2d(x, off, mask.requires_grad_(), w, b, 1, 1, 1, 2, 4)
+    assert torch.equal(mask.detach(), mask_before)
+    assert torch.allclose(fast, graded.detach(), atol=1e-5)
+    with torch.no_grad():  # channels-last input (what the CPU model passes) gives the same numbers
+        cl = modulated_deform_conv2d(x.contiguous(memory_format=torch.channels_last), off, mask, w, b, 1, 1, 1, 2, 4)
+    assert torch.allclose(cl, fast, atol=1e-5)
+
+
+def test_bf16_paths_are_close_to_fp32():
+    """bf16 autocast (the CPU default where bf16 is native) and plain bf16 tensors take the matmul branch;
+    sampling positions stay fp32 either way, so only bf16 rounding of values and weights differs."""
+    x, off, mask, w, b = _dcn_inputs(5)
+    with torch.no_grad():
+        ref = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4)
+        plain = modulated_deform_conv2d(x.bfloat16(), off.bfloat16(), mask.bfloat16(), w.bfloat16(), b.bfloat16(),
+                                        1, 1, 1, 2, 4)
+    scale = ref.abs().max()
+    assert auto.dtype == plain.dtype == torch.bfloat16
+    assert (auto.float() - ref).abs().max() < 0.02 * scale
+    assert (plain.float() - ref).abs().max() < 0.05 * scale  # offsets rounded to bf16 as well

@@ -66,3 +66,33 @@ def select(device: str = "auto", dtype: str = "auto") -> Precision:
         if dev.type == "cpu" and dt == torch.float16:
             raise VrestoreError("fp16 is not supported on the CPU; use bf16 or fp32")
     return Precision(dev, dt)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Serve large tensors from a heap that keeps freed pages mapped.
+
+    glibc hands every block over 32 MB to mmap and unmaps it on free, so each
+    large temporary (the DCN's sampled columns, a full-resolution feature map)
+    is page-faulted in afresh; on the 2-core VMs we measure on, that costs more
+    than the arithmetic (the deformable conv of ``benchmarks/run.py dcn``: 265
+    ms with glibc's default, 109 ms on the kept heap). Freed blocks are reused
+    when the next request fits (not always: aligned requests can leave one a
+    little short, and the heap grows instead). The process keeps its peak heap
+    until it exits, which suits a command that does one job. glibc only;
+    returns whether it applied. ``VRESTORE_MALLOC=system`` leaves it alone.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("VRESTORE_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs: nothing to tune
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
