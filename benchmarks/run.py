@@ -46,6 +46,17 @@ def _timeit(fn, repeat: int = 5, warmup: int = 2) -> float:
     return min(ts)
 
 
+def _child(args: list[str], malloc: str = "kept"):
+    """The JSON a child process prints last (``python ARGS`` with ``VRESTORE_MALLOC=malloc``: "system" leaves
+    glibc's allocator as it is; otherwise freed memory stays mapped, see
+    vrestore.infer.device.keep_freed_memory). Each allocator setting needs its own process."""
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True,
+                         env=os.environ | {"VRESTORE_MALLOC": malloc})
+    lines = out.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith(("{", "[")))
+    return json.loads("\n".join(lines[start:]))
+
+
 def _save(name: str, data: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     data["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu(),
@@ -68,12 +79,7 @@ def _cpu() -> str:
 def dcn() -> None:
     """The deformable conv against a conv2d of the same shape, in a child process
     per allocator setting (glibc's default, and the kept heap the CLI uses)."""
-    rows = []
-    for malloc in ("system", "kept"):
-        env = os.environ | {"VRESTORE_MALLOC": malloc}
-        out = subprocess.run([sys.executable, __file__, "_dcn_rows"], capture_output=True, text=True, check=True,
-                             env=env)
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [row for malloc in ("system", "kept") for row in _child([__file__, "_dcn_rows"], malloc)]
     _save("dcn", {"shape": "in 128 ch (2x64), out 64, 16 deform groups, 3x3, 180x320, forward", "rows": rows})
 
 
@@ -192,11 +198,8 @@ def chunks() -> None:
 
 
 def _subprocess(args: list[str], malloc: str = "kept") -> dict:
-    """`vrestore bench` in a child process; malloc="system" leaves glibc's allocator as it is (the CLI
-    otherwise keeps freed memory mapped, see vrestore.infer.device.keep_freed_memory)."""
-    out = subprocess.run([sys.executable, "-m", "vrestore.cli", "bench", *args], capture_output=True, text=True,
-                         check=True, env=os.environ | {"VRESTORE_MALLOC": malloc})
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    """`vrestore bench` in a child process."""
+    return _child(["-m", "vrestore.cli", "bench", *args], malloc)
 
 
 def memory() -> None:
@@ -342,10 +345,7 @@ def train() -> None:
                 w.write(f.rgb)
         prepare_dataset(clean, Path(tmp) / "qe", task="qe")
         for dtype, malloc in (("fp32", "system"), ("fp32", "kept"), ("bf16", "system"), ("bf16", "kept")):
-            out = subprocess.run([sys.executable, __file__, "_train_row", tmp, dtype],
-                                 capture_output=True, text=True, check=True,
-                                 env=os.environ | {"VRESTORE_MALLOC": malloc})
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(_child([__file__, "_train_row", tmp, dtype], malloc))
     for r in rows:
         r["speedup"] = r["it_per_s"] / rows[0]["it_per_s"]
     _save("train", {"recipe": "configs/qe_basicvsrpp_c32n4_pqf_cpu.yaml (first step)", "batch": 2, "clip_len": 7,
@@ -405,10 +405,9 @@ def report() -> None:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "report"
-    if what == "_dcn_rows":  # the child processes of dcn() and train()
-        sys.exit(_dcn_rows())
-    if what == "_train_row":
-        sys.exit(_train_row(*sys.argv[2:4]))
+    children = {"_dcn_rows": _dcn_rows, "_train_row": _train_row}  # the child processes of dcn() and train()
+    if what in children:
+        sys.exit(children[what](*sys.argv[2:]))
     from vrestore.infer.device import keep_freed_memory
 
     keep_freed_memory()

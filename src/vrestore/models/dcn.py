@@ -68,7 +68,7 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
     # (n*dg, C/dg, k*Ho, Wo) viewed as (n, C*k, Ho, Wo): channel index c*k + kernel point, the weight's order.
     sampled = sampled.view(n, dg, c // dg, k, ho, wo)
     m = mask.reshape(n, dg, 1, k, ho, wo).to(sampled.dtype).contiguous()
-    if torch.is_grad_enabled() and (sampled.requires_grad or m.requires_grad):
+    if sampled.requires_grad or m.requires_grad:
         sampled = sampled * m
     else:  # inference: modulate in place, no second buffer of the columns' size
         sampled.mul_(m)

@@ -152,8 +152,8 @@ class Trainer:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world, self.precision = init_distributed(
             devmod.select(cfg.get("device", device), cfg.get("dtype", dtype)))
-        self._fwd: nn.Module | None = None  # the model as the forward pass sees it (DDP or itself)
-        self._fwd_key: tuple = ()
+        self._ddp: nn.Module | None = None
+        self._ddp_key: tuple = ()
         # fp16 on CUDA needs loss scaling; bf16 and fp32 do not.
         fp16 = self.precision.device.type == "cuda" and self.precision.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -519,16 +519,16 @@ class Trainer:
         """The model as the forward pass sees it: itself, or wrapped in DDP when
         several processes train, rebuilt whenever the set of trained parameters
         changes (growth, SPyNet unfreezing)."""
-        key = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
-        if self._fwd is None or self._fwd_key != key:
-            fwd: nn.Module = self.model
-            if self.world > 1:
-                from torch.nn.parallel import DistributedDataParallel
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
 
-                ids = [self.precision.device.index] if self.precision.device.type == "cuda" else None
-                fwd = DistributedDataParallel(fwd, device_ids=ids, broadcast_buffers=False)
-            self._fwd, self._fwd_key = fwd, key
-        return self._fwd
+        key = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+        if self._ddp is None or self._ddp_key != key:
+            ids = [self.precision.device.index] if self.precision.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self._ddp_key = key
+        return self._ddp
 
     def _recover(self) -> None:
         """Repeated non-finite steps: reload the last good checkpoint and halve the learning rate."""
