@@ -1,7 +1,8 @@
 """Measure the numbers of docs/models.md on the held-out clips.
 
-    python experiments/model_card.py qe [--tta]     # or x4
-writes experiments/results/model_card_<task>.json. Rows: the compressed input
+    python experiments/model_card.py qe [--tta] [--stage1 PATH] [--stage2 PATH]   # or x4
+(the bundled model's files by default; a run's ``final.safetensors`` to judge
+it before it is bundled) writes experiments/results/model_card_<task>.json. Rows: the compressed input
 (bicubic-upscaled for x4), the best classical filter (FFmpeg nlmeans or
 fftdnoiz, a small grid; QE only), stage 1 alone, both stages, both stages with
 x8 TTA, and the default pipeline's frames/s on this CPU.
@@ -76,7 +77,7 @@ def score(gt: dict, pred: dict) -> dict:
     return {"average": metrics.average(vids), "videos": [v.summary() for v in vids]}
 
 
-def main(task: str) -> None:
+def main(task: str, stage1: Path | None = None, stage2: Path | None = None) -> None:
     scale = {"qe": 1, "x4": 4}[task]
     data = ROOT / "data"
     clean = data / "clean_test"
@@ -104,7 +105,7 @@ def main(task: str) -> None:
             y = torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False)
             up[k] = y.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
         rows["compressed input, bicubic x4"] = score(gt, up)
-    s1, s2 = bundled_path(task), bundled_path(f"{task}:stage2")
+    s1, s2 = stage1 or bundled_path(task), stage2 or bundled_path(f"{task}:stage2")
     variants = [("stage 1", None, False)]
     if s2 is not None:  # a bundled stage 2
         variants.append(("stage 1 + stage 2", s2, False))
@@ -118,12 +119,26 @@ def main(task: str) -> None:
         n = sum(len(v) for v in lq.values())
         rows[label] = score(gt, pred) | {"seconds": dt, "frames": n, "precision": r.engine}
     OUT.mkdir(parents=True, exist_ok=True)
-    res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "rows": rows}
+    res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "stage1": str(s1), "stage2": str(s2) if s2 else None,
+           "rows": rows}
     (OUT / f"model_card_{task}.json").write_text(json.dumps(res, indent=1))
     for k, v in rows.items():
         print(f"{k:40s} {v['average']['psnr_rgb']:.3f} dB  SSIM {v['average']['ssim_rgb']:.4f}")
 
 
+def _option(name: str) -> Path | None:
+    """The value after ``--name`` on the command line, if given."""
+    argv = sys.argv[1:]
+    if f"--{name}" not in argv:
+        return None
+    i = argv.index(f"--{name}")
+    if i + 1 >= len(argv):
+        raise SystemExit(f"--{name} needs a path")
+    return Path(argv[i + 1])
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(args[0] if args else "qe")
+    s1, s2 = _option("stage1"), _option("stage2")
+    given = {str(p) for p in (s1, s2) if p}
+    args = [a for a in sys.argv[1:] if not a.startswith("--") and a not in given]
+    main(args[0] if args else "qe", s1, s2)
