@@ -14,8 +14,8 @@ degraded with the LDV protocol (QP 37).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -77,7 +77,7 @@ def score(gt: dict, pred: dict) -> dict:
     return {"average": metrics.average(vids), "videos": [v.summary() for v in vids]}
 
 
-def main(task: str, stage1: Path | None = None, stage2: Path | None = None) -> None:
+def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta: bool = False) -> None:
     scale = {"qe": 1, "x4": 4}[task]
     data = ROOT / "data"
     clean = data / "clean_test"
@@ -107,12 +107,12 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None) -> N
         rows["compressed input, bicubic x4"] = score(gt, up)
     s1, s2 = stage1 or bundled_path(task), stage2 or bundled_path(f"{task}:stage2")
     variants = [("stage 1", None, False)]
-    if s2 is not None:  # a bundled stage 2
+    if s2 is not None:  # bundled or given
         variants.append(("stage 1 + stage 2", s2, False))
-    if "--tta" in sys.argv:
+    if tta:
         variants.append(("all stages + x8 TTA", s2, True))
-    for label, stage2, tta in variants:
-        r = Restorer(s1, stage2, tta=tta, chunk=60)
+    for label, second, with_tta in variants:
+        r = Restorer(s1, second, tta=with_tta, chunk=60)
         t = time.perf_counter()
         pred = {k: np.stack(list(r.stream(list(v), pqfs[k]))) for k, v in lq.items()}
         dt = time.perf_counter() - t
@@ -126,19 +126,11 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None) -> N
         print(f"{k:40s} {v['average']['psnr_rgb']:.3f} dB  SSIM {v['average']['ssim_rgb']:.4f}")
 
 
-def _option(name: str) -> Path | None:
-    """The value after ``--name`` on the command line, if given."""
-    argv = sys.argv[1:]
-    if f"--{name}" not in argv:
-        return None
-    i = argv.index(f"--{name}")
-    if i + 1 >= len(argv):
-        raise SystemExit(f"--{name} needs a path")
-    return Path(argv[i + 1])
-
-
 if __name__ == "__main__":
-    s1, s2 = _option("stage1"), _option("stage2")
-    given = {str(p) for p in (s1, s2) if p}
-    args = [a for a in sys.argv[1:] if not a.startswith("--") and a not in given]
-    main(args[0] if args else "qe", s1, s2)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("task", nargs="?", default="qe", choices=("qe", "x4"))
+    ap.add_argument("--tta", action="store_true", help="also both stages with x8 test-time augmentation")
+    ap.add_argument("--stage1", type=Path, help="stage-1 checkpoint (default: the bundled one)")
+    ap.add_argument("--stage2", type=Path, help="stage-2 checkpoint (default: the bundled one, if any)")
+    a = ap.parse_args()
+    main(a.task, a.stage1, a.stage2, tta=a.tta)
