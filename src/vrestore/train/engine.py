@@ -225,7 +225,8 @@ class Trainer:
         lr = float(step.get("lr", o.get("lr", 1e-4)))
         betas = tuple(o.get("betas", (0.9, 0.99)))
         self.optim = torch.optim.Adam(self._param_groups(lr, float(o.get("spynet_lr_mult", 0.25))), lr=lr,
-                                      betas=betas, weight_decay=float(o.get("weight_decay", 0.0)))
+                                      betas=betas, eps=float(o.get("eps", 1e-8)),
+                                      weight_decay=float(o.get("weight_decay", 0.0)))
         for g in self.optim.param_groups:
             g["base_lr"] = lr * g["lr_mult"]
 
