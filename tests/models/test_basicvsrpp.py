@@ -131,3 +131,20 @@ def test_mismatched_checkpoint_is_explained(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "broken.pth")
     with pytest.raises(VrestoreError, match="reconstruction|missing"):
         vrestore.load(tmp_path / "broken.pth")
+
+
+@pytest.mark.parametrize("name", ["basicvsrpp_c32n4_x1_pqf", "basicvsrpp_c16n2_x4"])
+def test_fresh_network_carries_its_signal_to_the_output_head(name):
+    """Untrained, the features entering ``conv_last`` are as large as the
+    trunk's (He init): with PyTorch's default init they were about 1/8 and
+    the same-size model never left the identity in training."""
+    torch.manual_seed(0)
+    m = build(name, pqf_propagation=True).eval()
+    seen: dict[str, float] = {}
+    m.reconstruction.register_forward_hook(lambda mod, i, o: seen.update(trunk=float(o.abs().mean())))
+    m.conv_last.register_forward_hook(lambda mod, i, o: seen.update(head=float(i[0].abs().mean())))
+    with torch.no_grad():
+        m(torch.rand(1, 2, 3, 64, 64))
+    assert seen["head"] > 0.5 * seen["trunk"], seen
+    blk = m.reconstruction.main[2][0]
+    assert float(blk.conv2.weight.std()) < 0.2 * float(m.conv_hr.weight.std())  # residual blocks start near identity

@@ -52,6 +52,10 @@ class ResidualBlockNoBN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+        for conv in (self.conv1, self.conv2):  # He init scaled by 0.1, as MMEditing: each block starts near identity
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(F.relu(self.conv1(x)))
@@ -164,6 +168,22 @@ class BasicVSRPlusPlus(nn.Module):
         self.upsample2 = PixelShufflePack(c, 64, 2 if up == 4 else 1)
         self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He init (LeakyReLU 0.1) for the convolutions outside SPyNet, the offset
+        heads and the residual blocks. With PyTorch's default (about a third
+        of the variance per layer) the signal entering ``conv_last`` was 1/8 of
+        the trunk's, and the first Adam steps drove it to nothing: the same-size
+        model then stayed at the identity (measured, docs/models.md)."""
+        skip = {id(m) for blk in self.modules() if isinstance(blk, ResidualBlockNoBN) for m in blk.modules()}
+        skip |= {id(m) for m in self.spynet.modules()}
+        skip |= {id(m) for a in self.modules() if isinstance(a, SecondOrderDeformableAlignment)
+                 for m in a.conv_offset.modules()}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and id(m) not in skip:
+                nn.init.kaiming_normal_(m.weight, a=0.1, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
 
     # -- configuration ------------------------------------------------------
     @classmethod
