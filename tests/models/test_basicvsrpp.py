@@ -148,3 +148,13 @@ def test_fresh_network_carries_its_signal_to_the_output_head(name):
     assert seen["head"] > 0.5 * seen["trunk"], seen
     blk = m.reconstruction.main[2][0]
     assert float(blk.conv2.weight.std()) < 0.2 * float(m.conv_hr.weight.std())  # residual blocks start near identity
+
+
+def test_training_mode_pads_patches_less_than_inference():
+    """Inference pads same-size inputs to 256 px (SPyNet sees 64, as MMEditing
+    asserts); training takes 64 px patches as they are."""
+    m = build("basicvsrpp_c16n2_x1")
+    assert m.eval().pad_sizes() == (4, 256)
+    assert m.train().pad_sizes() == (4, 64)
+    y = m(torch.rand(2, 3, 3, 64, 64))
+    assert y.shape == (2, 3, 3, 64, 64)

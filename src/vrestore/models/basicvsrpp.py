@@ -140,7 +140,8 @@ class BasicVSRPlusPlus(nn.Module):
     """
 
     task = "vsr"
-    min_flow_size = 64
+    min_flow_size = 64  # SPyNet's input side at least, as MMEditing asserts (inference)
+    min_flow_size_train = 16  # training patches: SPyNet upsamples to 32 px itself; padding would only cost time
 
     def __init__(self, cfg: BasicVSRPPConfig):
         super().__init__()
@@ -288,10 +289,13 @@ class BasicVSRPlusPlus(nn.Module):
         return outs  # type: ignore[return-value]
 
     def pad_sizes(self) -> tuple[int, int]:
-        """(multiple, minimum) that input sides are padded to before the network."""
+        """(multiple, minimum) that input sides are padded to before the network.
+        In training mode the minimum is lower, so that 64 px patches (the
+        batch diversity small models need) are not padded to 256 px."""
+        least = self.min_flow_size_train if self.training else self.min_flow_size
         if self.cfg.is_low_res_input:
-            return 1, self.min_flow_size
-        return 4, 4 * self.min_flow_size
+            return 1, least
+        return 4, 4 * least
 
     def forward(self, lqs: torch.Tensor, pqfs: list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """``pqfs``: PQF indices of the clip, or a (T,) 0/1 mask tensor."""
