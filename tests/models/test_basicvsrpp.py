@@ -135,11 +135,13 @@ def test_mismatched_checkpoint_is_explained(tmp_path):
 
 @pytest.mark.parametrize("name", ["basicvsrpp_c32n4_x1_pqf", "basicvsrpp_c16n2_x4"])
 def test_fresh_network_carries_its_signal_to_the_output_head(name):
-    """Untrained, the features entering ``conv_last`` are as large as the
-    trunk's (He init): with PyTorch's default init they were about 1/8 and
+    """Untrained and He-initialised (recipes' ``model.he_init``), the features
+    entering ``conv_last`` are as large as the trunk's: with PyTorch's default
+    init they are about 1/8 and
     the same-size model never left the identity in training."""
     torch.manual_seed(0)
     m = build(name, pqf_propagation=True).eval()
+    m.he_init()
     seen: dict[str, float] = {}
     m.reconstruction.register_forward_hook(lambda mod, i, o: seen.update(trunk=float(o.abs().mean())))
     m.conv_last.register_forward_hook(lambda mod, i, o: seen.update(head=float(i[0].abs().mean())))
@@ -147,14 +149,14 @@ def test_fresh_network_carries_its_signal_to_the_output_head(name):
         m(torch.rand(1, 2, 3, 64, 64))
     assert seen["head"] > 0.5 * seen["trunk"], seen
     blk = m.reconstruction.main[2][0]
-    assert float(blk.conv2.weight.std()) < 0.2 * float(m.conv_hr.weight.std())  # residual blocks start near identity
+    assert float(blk.conv2.weight.std()) < 0.3 * float(m.conv_hr.weight.std())  # residual blocks start near identity
 
 
 def test_training_mode_pads_patches_less_than_inference():
     """Inference pads same-size inputs to 256 px (SPyNet sees 64, as MMEditing
     asserts); training takes 64 px patches as they are."""
-    m = build("basicvsrpp_c16n2_x1")
-    assert m.eval().pad_sizes() == (4, 256)
-    assert m.train().pad_sizes() == (4, 64)
+    m = build("basicvsrpp_c16n2_x1").train()
+    assert m.pad_sizes() == (4, 256)
+    assert m.pad_sizes(training=True) == (4, 64)
     y = m(torch.rand(2, 3, 3, 64, 64))
     assert y.shape == (2, 3, 3, 64, 64)

@@ -52,7 +52,10 @@ class ResidualBlockNoBN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
-        for conv in (self.conv1, self.conv2):  # He init scaled by 0.1, as MMEditing: each block starts near identity
+
+    def he_init(self) -> None:
+        """He init scaled by 0.1, as MMEditing: the block starts near the identity."""
+        for conv in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             conv.weight.data.mul_(0.1)
             nn.init.zeros_(conv.bias)
@@ -169,15 +172,19 @@ class BasicVSRPlusPlus(nn.Module):
         self.upsample2 = PixelShufflePack(c, 64, 2 if up == 4 else 1)
         self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
-        self._init_weights()
 
-    def _init_weights(self) -> None:
+    def he_init(self) -> None:
         """He init (LeakyReLU 0.1) for the convolutions outside SPyNet, the offset
-        heads and the residual blocks. With PyTorch's default (about a third
-        of the variance per layer) the signal entering ``conv_last`` was 1/8 of
-        the trunk's, and the first Adam steps drove it to nothing: the same-size
-        model then stayed at the identity (measured, docs/models.md)."""
-        skip = {id(m) for blk in self.modules() if isinstance(blk, ResidualBlockNoBN) for m in blk.modules()}
+        heads and the residual blocks (recipes: ``model.he_init``). With
+        PyTorch's default (about a third of the variance per layer) the signal
+        entering ``conv_last`` is 1/8 of the trunk's, and the first Adam steps
+        drove it to nothing: the same-size model then stayed at the identity
+        (measured, docs/models.md). Not the constructor's default, so that
+        random test models keep their near-identity outputs."""
+        blocks = [b for b in self.modules() if isinstance(b, ResidualBlockNoBN)]
+        for b in blocks:
+            b.he_init()
+        skip = {id(m) for b in blocks for m in b.modules()}
         skip |= {id(m) for m in self.spynet.modules()}
         skip |= {id(m) for a in self.modules() if isinstance(a, SecondOrderDeformableAlignment)
                  for m in a.conv_offset.modules()}
@@ -288,11 +295,12 @@ class BasicVSRPlusPlus(nn.Module):
             outs[idx] = feat_prop
         return outs  # type: ignore[return-value]
 
-    def pad_sizes(self) -> tuple[int, int]:
+    def pad_sizes(self, training: bool = False) -> tuple[int, int]:
         """(multiple, minimum) that input sides are padded to before the network.
-        In training mode the minimum is lower, so that 64 px patches (the
-        batch diversity small models need) are not padded to 256 px."""
-        least = self.min_flow_size_train if self.training else self.min_flow_size
+        For training (``forward`` in train mode with gradients) the minimum is
+        lower, so that 64 px patches (the batch diversity small models need)
+        are not padded to 256 px; exports and inference keep MMEditing's."""
+        least = self.min_flow_size_train if training else self.min_flow_size
         if self.cfg.is_low_res_input:
             return 1, least
         return 4, 4 * least
@@ -302,7 +310,7 @@ class BasicVSRPlusPlus(nn.Module):
         if lqs.dim() != 5 or lqs.shape[2] != 3:
             raise ValueError(f"expected (N, T, 3, H, W), got {tuple(lqs.shape)}")
         h0, w0 = lqs.shape[-2:]
-        lqs = pad_frames(lqs, *self.pad_sizes())
+        lqs = pad_frames(lqs, *self.pad_sizes(self.training and torch.is_grad_enabled()))
         if lqs.shape[1] < 2:  # a single frame: propagate over itself so every branch sees valid flow
             out = self.forward_padded(lqs.repeat(1, 2, 1, 1, 1), [0, 1])[:, :1]
         else:

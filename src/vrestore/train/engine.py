@@ -202,11 +202,14 @@ class Trainer:
         init = m.pop("init", None)
         name = m.pop("name", None) or m.pop("arch", None)
         zero_last = bool(m.pop("zero_last", False))
+        he_init = bool(m.pop("he_init", False))
         if init:
             model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
         else:
             torch.manual_seed(self.seed)
             model = build(name, **m)
+            if he_init:  # He initialisation (BasicVSR++): the default lets the signal die in the output head
+                model.he_init()
             if zero_last:  # start as the identity (global residual only): no pre-trained weights to start from
                 nn.init.zeros_(model.conv_last.weight)
                 nn.init.zeros_(model.conv_last.bias)
