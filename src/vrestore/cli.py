@@ -335,28 +335,34 @@ def claim(dst: Path):
 
     lock = dst.with_name(f".{dst.name}.lock")
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    # The lock appears with its owner already written (hard link of a finished
+    # file): an O_EXCL create then write let a second process read it empty,
+    # take it for stale and restore the same video too.
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")
+    mine.write_text(me)
+    try:
+        for _ in range(2):
             try:
-                host, pid = lock.read_text().split()
-                alive = host != socket.gethostname() or _pid_alive(int(pid))
-            except (OSError, ValueError):
-                alive = False  # unreadable or half-written: treat as stale
-            if alive:
-                yield False
-                return
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
+                os.link(mine, lock)
+            except FileExistsError:
+                try:
+                    host, pid = lock.read_text().split()
+                    alive = host != socket.gethostname() or _pid_alive(int(pid))
+                except (OSError, ValueError):
+                    alive = False  # unreadable or corrupt: treat as stale
+                if alive:
+                    yield False
+                    return
+                lock.unlink(missing_ok=True)
+                continue
+            try:
+                yield True
+            finally:
+                lock.unlink(missing_ok=True)
+            return
+        yield False
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from vrestore.errors import VrestoreError
-from vrestore.train.engine import Trainer, load_recipe
+from vrestore.train.engine import TRAINER_MODEL_KEYS, Trainer, load_recipe
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -18,7 +18,7 @@ def test_every_shipped_recipe_loads_and_builds_its_final_model(path):
 
     cfg = load_recipe(path)
     assert cfg.name == path.stem  # the file name says task, model and scale
-    m = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("init", "zero_last")}
+    m = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in TRAINER_MODEL_KEYS}
     model = build(m.pop("name"), **m)
     for step in cfg.steps:
         if step.get("grow"):

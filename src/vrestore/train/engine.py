@@ -34,6 +34,8 @@ from ..infer import device as devmod
 
 log = logging.getLogger(__name__)
 
+TRAINER_MODEL_KEYS = ("init", "zero_last", "he_init")  # recipe model keys the trainer acts on, not the network
+
 
 def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.sqrt((x - y) ** 2 + eps * eps).mean()
