@@ -345,12 +345,7 @@ def claim(dst: Path):
             try:
                 os.link(mine, lock)
             except FileExistsError:
-                try:
-                    host, pid = lock.read_text().split()
-                    alive = host != socket.gethostname() or _pid_alive(int(pid))
-                except (OSError, ValueError):
-                    alive = False  # unreadable or corrupt: treat as stale
-                if alive:
+                if _owner_alive(lock):
                     yield False
                     return
                 lock.unlink(missing_ok=True)
@@ -363,6 +358,18 @@ def claim(dst: Path):
         yield False
     finally:
         mine.unlink(missing_ok=True)
+
+
+def _owner_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` ("host pid") may still run it; an
+    unreadable or corrupt lock counts as stale."""
+    import socket
+
+    try:
+        host, pid = lock.read_text().split()
+        return host != socket.gethostname() or _pid_alive(int(pid))
+    except (OSError, ValueError):
+        return False
 
 
 def _pid_alive(pid: int) -> bool:

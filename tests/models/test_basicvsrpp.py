@@ -137,8 +137,8 @@ def test_mismatched_checkpoint_is_explained(tmp_path):
 def test_fresh_network_carries_its_signal_to_the_output_head(name):
     """Untrained and He-initialised (recipes' ``model.he_init``), the features
     entering ``conv_last`` are as large as the trunk's: with PyTorch's default
-    init they are about 1/8 and
-    the same-size model never left the identity in training."""
+    init they are about 1/8, and the same-size model never left the identity
+    in training."""
     torch.manual_seed(0)
     m = build(name, pqf_propagation=True).eval()
     m.he_init()

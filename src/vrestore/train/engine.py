@@ -201,10 +201,8 @@ class Trainer:
         from ..models import build, load
 
         m = dict(self.cfg.model)
-        init = m.pop("init", None)
+        init, zero_last, he_init = (m.pop(k, None) for k in TRAINER_MODEL_KEYS)
         name = m.pop("name", None) or m.pop("arch", None)
-        zero_last = bool(m.pop("zero_last", False))
-        he_init = bool(m.pop("he_init", False))
         if init:
             model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
         else:
