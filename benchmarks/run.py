@@ -348,12 +348,16 @@ def train() -> None:
             rows.append(_child([__file__, "_train_row", tmp, dtype], malloc))
     for r in rows:
         r["speedup"] = r["it_per_s"] / rows[0]["it_per_s"]
-    _save("train", {"recipe": "configs/qe_basicvsrpp_c32n4_pqf_cpu.yaml (first step)", "batch": 2, "clip_len": 7,
-                    "patch": 256, "iterations_timed": TRAIN_ITERS - TRAIN_SKIP,
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(TRAIN_RECIPE).data
+    _save("train", {"recipe": f"{TRAIN_RECIPE.relative_to(HERE.parent)} (first step)", "batch": data.batch,
+                    "clip_len": data.clip_len, "patch": data.patch, "iterations_timed": TRAIN_ITERS - TRAIN_SKIP,
                     "amx": bool(torch.cpu._is_amx_tile_supported()), "rows": rows})
 
 
 TRAIN_ITERS, TRAIN_SKIP = 10, 2
+TRAIN_RECIPE = HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml"
 
 
 def _train_row(tmp: str, dtype: str) -> None:
@@ -365,7 +369,7 @@ def _train_row(tmp: str, dtype: str) -> None:
     from vrestore.train.plot import read_log
 
     kept = keep_freed_memory()
-    base = OmegaConf.load(HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml")
+    base = OmegaConf.load(TRAIN_RECIPE)
     run = f"{tmp}/run_{dtype}_{'kept' if kept else 'system'}"
     cfg = OmegaConf.merge(base, {"out": run, "dtype": dtype, "device": "cpu",
                                  "data": {"train": f"{tmp}/qe"}, "val": {"every": 0},

@@ -85,21 +85,50 @@ def pan_video(img: np.ndarray, n_frames: int, size: tuple[int, int], seed: int) 
     return np.stack(frames)
 
 
+def recolour(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rotate the hue and raise the saturation (HSV). The photographs hold few
+    strong colours; without these a model learns colour casts that ruin
+    saturated content such as Big Buck Bunny's grass (measured, docs/models.md)."""
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    hsv = rgb2hsv(img)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(0, 1)) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1.3, 2.5) + rng.uniform(0, 0.25), 0, 1)
+    return (hsv2rgb(hsv) * 255).round().astype(np.uint8)
+
+
+def flatten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cartoon-like rendering: total-variation smoothing leaves flat regions
+    with sharp edges (as in rendered animation), then recoloured."""
+    from skimage.restoration import denoise_tv_chambolle
+
+    flat = denoise_tv_chambolle(img.astype(np.float64) / 255.0, weight=rng.uniform(0.08, 0.2), channel_axis=-1)
+    return recolour((np.clip(flat, 0, 1) * 255).round().astype(np.uint8), rng)
+
+
 def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (256, 320),
-                        photos: tuple[str, ...] = PHOTOS, clips: tuple[str, ...] = ("bikes",)) -> list[Path]:
+                        photos: tuple[str, ...] = PHOTOS, clips: tuple[str, ...] = ("bikes",),
+                        variants: int = 0) -> list[Path]:
     """Write lossless clean videos (FFV1) to ``out``: one pseudo-video per
-    photograph plus the named sample clips re-encoded losslessly."""
+    photograph plus the named sample clips re-encoded losslessly. ``variants``
+    more per photograph, alternately recoloured and flattened (``recolour``,
+    ``flatten``), each along its own camera path."""
     from ..video.io import VideoReader, VideoWriter
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, name in enumerate(photos):
-        p = out / f"photo_{name}.mkv"
-        if not p.exists():
-            with VideoWriter(p, fps=25, codec="ffv1") as wr:
-                for f in pan_video(photo(name), n_frames, size, seed=i):
-                    wr.write(f)
-        paths.append(p)
+        for j in range(variants + 1):
+            p = out / (f"photo_{name}.mkv" if j == 0 else f"photo_{name}_v{j}.mkv")
+            if not p.exists():
+                img = photo(name)
+                if j:
+                    rng = np.random.default_rng(1000 * j + i)
+                    img = (recolour if j % 2 else flatten)(img, rng)
+                with VideoWriter(p, fps=25, codec="ffv1") as wr:
+                    for f in pan_video(img, n_frames, size, seed=i + 100 * j):
+                        wr.write(f)
+            paths.append(p)
     for name in clips:
         p = out / f"clip_{name}.mkv"
         if not p.exists():

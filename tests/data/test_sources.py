@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from vrestore.data.sources import flatten, photo, recolour, write_clean_sources
+from vrestore.video.io import VideoReader
+
+pytest.importorskip("skimage", reason="the photographs come with scikit-image")
+
+
+def _saturation(img: np.ndarray) -> float:
+    from skimage.color import rgb2hsv
+
+    return float(rgb2hsv(img)[..., 1].mean())
+
+
+def _variation(img: np.ndarray) -> float:
+    f = img.astype(np.float64)
+    return float(np.abs(np.diff(f, axis=0)).mean() + np.abs(np.diff(f, axis=1)).mean())
+
+
+def test_recolour_moves_hue_and_raises_saturation():
+    img = photo("coffee")[::4, ::4]
+    out = recolour(img, np.random.default_rng(0))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert _saturation(out) > 1.2 * _saturation(img)
+    # a different colour, not a brightness change: the channel means are reordered or shifted
+    assert np.abs(out.mean((0, 1)) - img.mean((0, 1))).max() > 10
+    np.testing.assert_array_equal(out, recolour(img, np.random.default_rng(0)))  # seeded
+
+
+def test_flatten_leaves_flat_regions():
+    img = photo("astronaut")[::4, ::4]
+    out = flatten(img, np.random.default_rng(1))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert _variation(out) < 0.8 * _variation(img)
+
+
+def test_variants_are_written_next_to_each_photo(tmp_path):
+    paths = write_clean_sources(tmp_path, n_frames=3, size=(32, 48), photos=("astronaut",), clips=(), variants=2)
+    assert [p.name for p in paths] == ["photo_astronaut.mkv", "photo_astronaut_v1.mkv", "photo_astronaut_v2.mkv"]
+    clips = [np.stack([f.rgb for f in VideoReader(p)]) for p in paths]
+    assert all(c.shape == (3, 32, 48, 3) for c in clips)
+    assert np.abs(clips[0].astype(int) - clips[1]).mean() > 10  # recoloured, and another camera path
+    assert np.abs(clips[1].astype(int) - clips[2]).mean() > 10
