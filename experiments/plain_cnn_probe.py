@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from vrestore import metrics
-from vrestore.data.pairs import PairedClips
+from vrestore.data.pairs import PairedClips, to_tensor
+from vrestore.train.engine import charbonnier
 from vrestore.video.io import VideoReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def train(train_set: Path, steps: int, seed: int = 0) -> PlainCNN:
         lq, gt, _ = data.sample(16, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(lq[:, 0])
-        loss = torch.sqrt((out.float() - gt[:, 0]) ** 2 + 1e-6).mean()
+        loss = charbonnier(out.float(), gt[:, 0])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -71,7 +72,7 @@ def evaluate(net: PlainCNN, root: Path, frames: int, clips: int) -> list[dict]:
     for name, c in sorted(meta["clips"].items())[:clips]:
         gt = np.stack([f.rgb for f in VideoReader(root / c["gt"], max_frames=frames)])
         lq = np.stack([f.rgb for f in VideoReader(root / c["lq"], max_frames=frames)])
-        x = torch.from_numpy(lq).permute(0, 3, 1, 2).float() / 255
+        x = to_tensor(lq)
         with torch.no_grad():
             y = torch.cat([net(x[i:i + 4]) for i in range(0, len(x), 4)])
         pred = (y.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
