@@ -475,14 +475,24 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
 
 @app.command()
 @handled
-def convert(src: Path = typer.Argument(..., help="Published checkpoint (.pth)."),
-            output: Path = typer.Option(..., "-o", "--output", help="vrestore .safetensors file.")) -> None:
-    """Write a published BasicVSR++/SwinIR checkpoint as a vrestore safetensors file."""
+def convert(src: Path = typer.Argument(..., help="Published checkpoint (.pth) or a vrestore .safetensors file."),
+            output: Path = typer.Option(..., "-o", "--output", help="vrestore .safetensors file."),
+            half: bool = typer.Option(False, "--half", help="Store the weights as float16 (half the size, as bundled "
+                                      "models are; loading casts them back to the model's float32).")) -> None:
+    """Write a published BasicVSR++/SwinIR checkpoint (or a vrestore one) as a vrestore safetensors file."""
     from .models import load, save
 
+    if output.resolve() == src.resolve():
+        raise VrestoreError(f"{output}: the output would replace its own source; choose another path")
     m = load(src)
-    save(m, output, {"converted_from": src.name})
-    out.print(f"wrote {output}: {m.arch_name} {m.config()}", highlight=False)
+    own = ("vrestore_arch", "vrestore_config", "format")  # save() writes these from the model
+    meta = {k: v for k, v in getattr(m, "vrestore_meta", {}).items() if k not in own}
+    meta["converted_from"] = src.name
+    if half:
+        m = m.half()
+        meta["stored_dtype"] = "float16"
+    save(m, output, meta)
+    out.print(f"wrote {output}: {m.arch_name} {m.config()}{' (float16)' if half else ''}", highlight=False)
 
 
 @app.command()

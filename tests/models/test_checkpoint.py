@@ -56,3 +56,27 @@ def test_convert_published_to_safetensors(reference_dir, tmp_path):
     x = torch.rand(1, 2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+def test_convert_half_keeps_metadata_and_output(tmp_path):
+    """Bundled models are written with ``convert --half``: half the bytes, the run's metadata kept, outputs within
+    float16 rounding, and a conversion onto its own source refused."""
+    from typer.testing import CliRunner
+
+    from vrestore.cli import app
+
+    torch.manual_seed(0)
+    m = build("basicvsrpp", mid_channels=8, num_blocks=1, is_low_res_input=True, scale=4).eval()
+    src, dst = tmp_path / "run.safetensors", tmp_path / "half.safetensors"
+    save(m, src, {"recipe": "x4_tiny", "iterations": "7"})
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(dst), "--half"])
+    assert r.exit_code == 0, r.output
+    h = vrestore.load(dst)
+    assert h.vrestore_meta["recipe"] == "x4_tiny" and h.vrestore_meta["stored_dtype"] == "float16"
+    assert next(h.parameters()).dtype == torch.float32  # cast back on load
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+    x = torch.rand(1, 3, 3, 16, 16)
+    with torch.no_grad():
+        assert (h(x) - m(x)).abs().max() < 5e-3
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(src), "--half"])
+    assert r.exit_code != 0 and "its own source" in r.output
