@@ -72,6 +72,9 @@ def test_convert_half_keeps_metadata_and_output(tmp_path):
     r = CliRunner().invoke(app, ["convert", str(src), "-o", str(dst), "--half"])
     assert r.exit_code == 0, r.output
     h = vrestore.load(dst)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~mask  # not the 0600 safetensors itself writes
     assert h.vrestore_meta["recipe"] == "x4_tiny" and h.vrestore_meta["stored_dtype"] == "float16"
     assert next(h.parameters()).dtype == torch.float32  # cast back on load
     assert dst.stat().st_size < 0.6 * src.stat().st_size

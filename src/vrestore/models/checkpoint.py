@@ -193,6 +193,13 @@ def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     return model
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a vrestore safetensors file (atomically)."""
     path = Path(path)
@@ -203,6 +210,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra_meta: dict[str, str] |
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(sd, str(tmp), metadata=meta)
+        os.chmod(tmp, _default_file_mode())  # safetensors writes 0600; a model file is shared like any other
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
