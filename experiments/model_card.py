@@ -22,12 +22,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch
 
 from vrestore import metrics
 from vrestore.data.sources import write_clean_sources
 from vrestore.infer.restorer import Restorer
-from vrestore.video.degrade import prepare_dataset
+from vrestore.video.degrade import bicubic_upscale, prepare_dataset
 from vrestore.video.io import VideoReader
 from vrestore.weights import bundled_path
 
@@ -99,12 +98,7 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta:
                 best = spec and f"classical {spec}"
         rows["best classical filter"] = {"name": best, **rows[best]}
     else:
-        up = {}
-        for k, v in lq.items():
-            x = torch.from_numpy(v).permute(0, 3, 1, 2).float()
-            y = torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False)
-            up[k] = y.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
-        rows["compressed input, bicubic x4"] = score(gt, up)
+        rows["compressed input, bicubic x4"] = score(gt, {k: bicubic_upscale(v, scale) for k, v in lq.items()})
     s1, s2 = stage1 or bundled_path(task), stage2 or bundled_path(f"{task}:stage2")
     variants = [("stage 1", None, False)]
     if s2 is not None:  # bundled or given

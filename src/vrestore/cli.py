@@ -567,10 +567,9 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
     import time as _time
 
     import numpy as np
-    import torch
 
     from . import metrics
-    from .video.degrade import degrade_video
+    from .video.degrade import bicubic_upscale, degrade_video
     from .video.io import VideoReader, VideoWriter
     from .weights import bundled_models
 
@@ -583,12 +582,7 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
     rep = degrade_video(sample, comp, qp=37, scale=scale, gt_dst=orig, overwrite=True)
     gt = np.stack([f.rgb for f in VideoReader(orig)])
     lq = np.stack([f.rgb for f in VideoReader(comp)])
-    if scale > 1:  # compare against bicubic upscaling of the compressed input
-        x = torch.from_numpy(lq).permute(0, 3, 1, 2).float()
-        up = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
-        lq_view = up.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
-    else:
-        lq_view = lq
+    lq_view = bicubic_upscale(lq, scale) if scale > 1 else lq  # compare against bicubic upscaling
     before = metrics.score_video(gt, lq_view, "compressed")
     out.print(f"compressed with the LDV protocol (x265 LDP, QP 37{f', x{scale}' if scale > 1 else ''}): "
               f"{rep.num_frames} frames, RGB-PSNR {before.summary()['psnr_rgb']:.2f} dB, "

@@ -89,3 +89,15 @@ def test_degrade_bad_input(tmp_path, small_clean):
         degrade_video(tiny, tmp_path / "y.mp4", scale=4)
     assert not (tmp_path / "y.mp4").exists()
     assert probe(small_clean).num_frames == 20
+
+
+def test_bicubic_upscale_is_the_uint8_baseline():
+    from vrestore.video.degrade import bicubic_upscale
+
+    flat = np.full((2, 5, 7, 3), 130, np.uint8)
+    up = bicubic_upscale(flat, 4)
+    assert up.shape == (2, 20, 28, 3) and up.dtype == np.uint8
+    assert (up == 130).all()  # a flat image stays flat (no ringing, no offset)
+    edge = np.zeros((1, 8, 8, 3), np.uint8)
+    edge[:, :, 4:] = 255
+    assert bicubic_upscale(edge, 2).min() == 0 and bicubic_upscale(edge, 2).max() == 255  # clamped, not wrapped

@@ -118,10 +118,12 @@ def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, name in enumerate(photos):
+        base = None  # decoded once, only if a file of this photograph is missing
         for j in range(variants + 1):
             p = out / (f"photo_{name}.mkv" if j == 0 else f"photo_{name}_v{j}.mkv")
             if not p.exists():
-                img = photo(name)
+                base = photo(name) if base is None else base
+                img = base
                 if j:
                     rng = np.random.default_rng(1000 * j + i)
                     img = (recolour if j % 2 else flatten)(img, rng)

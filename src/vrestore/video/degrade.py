@@ -104,6 +104,16 @@ def bicubic_downscale(frame: av.VideoFrame, scale: int) -> av.VideoFrame:
                           interpolation="BICUBIC")
 
 
+def bicubic_upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, sH, sW, 3) uint8: bicubic upscaling of the
+    compressed input, the baseline x2/x4 models are scored against."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    up = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+    return up.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 @dataclass
 class DegradeReport:
     source: str
