@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from vrestore.errors import VrestoreError
@@ -81,6 +82,35 @@ def test_stage2_transfer_recipe_runs_end_to_end(tmp_path, tiny_pairs, random_mod
     assert load(final).arch_name == "swinir"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_a_stage1_cache_is_rebuilt_when_its_stage1_model_or_clips_change(tmp_path, tiny_pairs, random_model):
+    """A cache left in the run folder by an earlier run with another stage-1
+    model (or other data) must not be fine-tuned on silently."""
+    import numpy as np
+
+    from vrestore.models import save
+
+    stage1 = tmp_path / "stage1.safetensors"
+    save(random_model("basicvsrpp_c16n2_x1"), stage1)
+    cfg = OmegaConf.create({
+        "name": "s2", "out": str(tmp_path / "run"), "seed": 0, "device": "cpu", "dtype": "fp32",
+        "model": {"name": "swinir_e24_color_dn"},
+        "data": {"train": str(tiny_pairs), "stage1": str(stage1), "cache_frames": 3, "patch": 32, "batch": 2},
+        "steps": [{"iters": 1, "data": "stage1_cache"}]})
+    trainer = Trainer(cfg)
+    cache = trainer._stage1_cache(str(tiny_pairs), "stage1_cache")
+    first = np.load(cache)["input_0"]
+    stamp = cache.stat().st_mtime_ns
+    assert trainer._stage1_cache(str(tiny_pairs), "stage1_cache").stat().st_mtime_ns == stamp  # reused
+    other = random_model("basicvsrpp_c16n2_x1")
+    with torch.no_grad():
+        other.conv_last.bias.fill_(0.1)  # a visibly different stage 1
+    save(other, stage1)
+    again = np.load(trainer._stage1_cache(str(tiny_pairs), "stage1_cache"))["input_0"]
+    assert first.shape == again.shape and np.abs(first.astype(int) - again.astype(int)).mean() > 5
+    trainer.cfg.data.cache_frames = 2
+    assert len(np.load(trainer._stage1_cache(str(tiny_pairs), "stage1_cache"))["input_0"]) == 2
 
 
 def test_a_variant_recipe_is_its_base_with_its_changes(tmp_path):

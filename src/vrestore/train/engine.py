@@ -102,6 +102,16 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
                 raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {meta.parent}")
 
 
+def stage1_cache_key(stage1: str, root: str, clips: list[str], frames: int | None) -> str:
+    """What a stage-1 output cache was made from (model file, data, clip names,
+    frames per clip): a cache left in a run folder by other data or another
+    stage-1 model must not be reused silently."""
+    st = Path(stage1).stat()
+    return json.dumps({"stage1": str(Path(stage1).resolve()), "stage1_size": st.st_size,
+                       "stage1_mtime_ns": st.st_mtime_ns, "data": str(Path(root).resolve()),
+                       "clips": clips, "frames": frames}, sort_keys=True)
+
+
 def init_distributed(precision: devmod.Precision) -> tuple[int, int, devmod.Precision]:
     """(rank, world size, this process's precision). Under ``torchrun``
     (WORLD_SIZE > 1) joins the process group: NCCL with one GPU per local
@@ -260,13 +270,18 @@ class Trainer:
 
         d = self.cfg.data
         cache = self.out / f"{name}.npz"
-        if cache.exists():
-            return cache
         clips = PairedClips(root, 2, 2, dedup=False)
+        limit = frames or d.get("cache_frames")
+        made_from = stage1_cache_key(d.stage1, root, [c.name for c in clips.clips], limit)
+        if cache.exists():
+            with np.load(cache) as old:
+                if "made_from" in old.files and str(old["made_from"]) == made_from:
+                    return cache
+            log.info("stage-1 cache %s was made from other clips or another stage-1 model: rebuilding", cache)
         r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {"made_from": np.array(made_from)}
         for k, c in enumerate(clips.clips):
-            n = int(frames or d.get("cache_frames", len(c.lq)))
+            n = int(limit or len(c.lq))
             arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
             arrays[f"gt_{k}"] = c.gt[:n]
             log.info("stage-1 cache: %s (%d frames)", c.name, n)
