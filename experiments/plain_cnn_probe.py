@@ -1,6 +1,6 @@
 """Does a training set teach anything that carries over to unseen clips?
 
-    python experiments/plain_cnn_probe.py data/qe_train [--steps 3000]
+    python experiments/plain_cnn_probe.py data/qe_train [--steps 3000] [--loss mse]
 
 Trains a plain 6-layer, 32-channel residual CNN (single frame, full
 resolution, bf16 autocast; about 2 minutes here) on 64 px patches of a
@@ -47,7 +47,7 @@ class PlainCNN(nn.Module):
         return x + self.body(x)
 
 
-def train(train_set: Path, steps: int, seed: int = 0) -> PlainCNN:
+def train(train_set: Path, steps: int, seed: int = 0, loss_name: str = "charbonnier") -> PlainCNN:
     torch.manual_seed(seed)
     net = PlainCNN()
     data = PairedClips(train_set, clip_len=1, patch=64)
@@ -58,7 +58,8 @@ def train(train_set: Path, steps: int, seed: int = 0) -> PlainCNN:
         lq, gt, _ = data.sample(16, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(lq[:, 0])
-        loss = charbonnier(out.float(), gt[:, 0])
+        loss = charbonnier(out.float(), gt[:, 0]) if loss_name == "charbonnier" else \
+            torch.nn.functional.mse_loss(out.float(), gt[:, 0])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -90,15 +91,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("train_set", type=Path)
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--loss", choices=("charbonnier", "mse"), default="charbonnier")
     a = ap.parse_args()
-    net = train(a.train_set, a.steps)
+    net = train(a.train_set, a.steps, loss_name=a.loss)
     rows = evaluate(net, a.train_set, 10, 4)
     rows += evaluate(net, ROOT / "data" / "qe_val", 20, 2)
     rows += evaluate(net, ROOT / "data" / "qe_test", 20, 2)
     held = [r["gain"] for r in rows if r["set"] == "qe_test"]
     print(f"held-out mean gain {np.mean(held):+.3f} dB")
-    out = ROOT / "experiments" / "results" / f"plain_cnn_probe_{a.train_set.name}.json"
-    out.write_text(json.dumps({"train_set": str(a.train_set), "steps": a.steps, "rows": rows,
+    suffix = "" if a.loss == "charbonnier" else f"_{a.loss}"
+    out = ROOT / "experiments" / "results" / f"plain_cnn_probe_{a.train_set.name}{suffix}.json"
+    out.write_text(json.dumps({"train_set": str(a.train_set), "steps": a.steps, "loss": a.loss, "rows": rows,
                                "held_out_mean_gain": float(np.mean(held))}, indent=1))
 
 
