@@ -110,7 +110,17 @@ def test_a_stage1_cache_is_rebuilt_when_its_stage1_model_or_clips_change(tmp_pat
     again = np.load(trainer._stage1_cache(str(tiny_pairs), "stage1_cache"))["input_0"]
     assert first.shape == again.shape and np.abs(first.astype(int) - again.astype(int)).mean() > 5
     trainer.cfg.data.cache_frames = 2
-    assert len(np.load(trainer._stage1_cache(str(tiny_pairs), "stage1_cache"))["input_0"]) == 2
+    cache = trainer._stage1_cache(str(tiny_pairs), "stage1_cache")
+    assert len(np.load(cache)["input_0"]) == 2
+    # a step's subset picks cached clips by name, as it picks clips for stage 1
+    from vrestore.data.pairs import FramePairs
+
+    names = [str(v) for v in np.load(cache)["names"]]
+    assert names == [c for c in json.loads((tiny_pairs / "meta.json").read_text())["clips"]]
+    one = FramePairs(cache, 32, subset=[names[-1][:3] + "*"])
+    assert len(one.inp) == 1 and (one.gt[0] == np.load(cache)[f"gt_{len(names) - 1}"]).all()
+    with pytest.raises(VrestoreError, match="matches none"):
+        FramePairs(cache, 32, subset=["no_such_clip*"])
 
 
 def test_a_variant_recipe_is_its_base_with_its_changes(tmp_path):

@@ -150,11 +150,18 @@ class NoisyStills:
 class FramePairs:
     """Stage-2 fine-tuning: (stage-1 output, GT) frames, cached in a .npz."""
 
-    def __init__(self, cache: str | Path, patch: int):
+    def __init__(self, cache: str | Path, patch: int, subset: list[str] | None = None):
         d = np.load(cache)
         n = len([k for k in d.files if k.startswith("input_")])
-        self.inp = [d[f"input_{k}"] for k in range(n)]
-        self.gt = [d[f"gt_{k}"] for k in range(n)]
+        keep = range(n)
+        if subset:  # clip-name patterns, as PairedClips takes them (the three-step recipe's last step)
+            names = [str(v) for v in d["names"]]
+            keep = [k for k in keep if any(fnmatch(names[k], p) for p in subset)]
+            if not keep:
+                raise VrestoreError(f"{cache}: subset {subset} matches none of its clips {names}")
+        self.inp = [d[f"input_{k}"] for k in keep]
+        self.gt = [d[f"gt_{k}"] for k in keep]
+        n = len(self.inp)
         self.index = [(k, t) for k in range(n) for t in range(len(self.inp[k]))]
         self.patch = patch
 

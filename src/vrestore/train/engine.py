@@ -259,7 +259,8 @@ class Trainer:
             elif kind == "noisy_stills":
                 self._datasets[key] = NoisyStills(int(d.patch), tuple(d.get("sigma", (5.0, 50.0))))
             else:  # stage1_cache (check_steps admits DATA_KINDS only)
-                self._datasets[key] = FramePairs(self._stage1_cache(d.train, "stage1_cache"), int(d.patch))
+                self._datasets[key] = FramePairs(self._stage1_cache(d.train, "stage1_cache"), int(d.patch),
+                                                 subset=list(subset) if subset else None)
         return self._datasets[key]
 
     def _stage1_cache(self, root: str, name: str, frames: int | None = None) -> Path:
@@ -279,7 +280,8 @@ class Trainer:
                     return cache
             log.info("stage-1 cache %s was made from other clips or another stage-1 model: rebuilding", cache)
         r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
-        arrays: dict[str, np.ndarray] = {"made_from": np.array(made_from)}
+        arrays: dict[str, np.ndarray] = {"made_from": np.array(made_from),
+                                         "names": np.array([c.name for c in clips.clips])}
         for k, c in enumerate(clips.clips):
             n = int(limit or len(c.lq))
             arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
