@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from vrestore.train.engine import Trainer, lr_factor
+from vrestore.train.engine import Trainer, ema_warmup, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,21 @@ def test_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 0.05
     g = [lr_factor(i, 100, 0.0, 2) for i in range(100)]
     assert g[49] < 0.05 and g[50] == pytest.approx(1.0)  # a restart
+
+
+def test_ema_follows_the_model_early_and_settles_later(tmp_path, x4_pairs):
+    """With a slow EMA (0.999) and a short step, the saved weights must be the
+    trained ones, not mostly the random start."""
+    assert ema_warmup(0.999, 0) == pytest.approx(0.1) and ema_warmup(0.999, 10**6) == 0.999
+    _, cfg = _recipe(tmp_path, x4_pairs, [{"iters": 12, "loss": "mse"}])
+    cfg.optim.ema = 0.999
+    tr = Trainer(cfg)
+    start = [p.detach().clone() for p in tr.model.parameters()]
+    tr.run()
+    moved = sum(float((p - s).norm() ** 2) for p, s in zip(tr.model.parameters(), start, strict=True)) ** 0.5
+    pairs = zip(tr.ema.parameters(), tr.model.parameters(), strict=True)
+    lag = sum(float((e - p).norm() ** 2) for e, p in pairs) ** 0.5
+    assert moved > 0 and lag < 0.5 * moved
 
 
 def test_tiny_recipe_learns_grows_and_runs_three_loss_steps(tmp_path, x4_pairs):
