@@ -90,16 +90,13 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta:
     rows: dict[str, dict] = {}
     if scale == 1:
         rows["compressed input"] = score(gt, lq)
-    if scale == 1 and classical_grid:  # hqdn3d is not in PyAV's FFmpeg build (GPL); nlmeans and fftdnoiz are.
-        best = None
-        for spec in ("nlmeans=s=1.5:p=7:r=9", "nlmeans=s=3:p=7:r=9", "fftdnoiz=sigma=4", "fftdnoiz=sigma=8"):
-            r = score(gt, {k: classical(v, spec) for k, v in lq.items()})
-            rows[f"classical {spec}"] = r
-            if best is None or r["average"]["psnr_rgb"] > rows[best]["average"]["psnr_rgb"]:
-                best = spec and f"classical {spec}"
-        rows["best classical filter"] = {"name": best, **rows[best]}
-    if scale != 1:
+    else:
         rows["compressed input, bicubic x4"] = score(gt, {k: bicubic_upscale(v, scale) for k, v in lq.items()})
+    if scale == 1 and classical_grid:  # hqdn3d is not in PyAV's FFmpeg build (GPL); nlmeans and fftdnoiz are.
+        for spec in ("nlmeans=s=1.5:p=7:r=9", "nlmeans=s=3:p=7:r=9", "fftdnoiz=sigma=4", "fftdnoiz=sigma=8"):
+            rows[f"classical {spec}"] = score(gt, {k: classical(v, spec) for k, v in lq.items()})
+        best = max((k for k in rows if k.startswith("classical ")), key=lambda k: rows[k]["average"]["psnr_rgb"])
+        rows["best classical filter"] = {"name": best, **rows[best]}
     s1, s2 = stage1 or bundled_path(task), stage2 or bundled_path(f"{task}:stage2")
     variants = [("stage 1", None, False)]
     if s2 is not None:  # bundled or given

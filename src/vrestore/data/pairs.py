@@ -59,6 +59,14 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
     return t.movedim(-1, -3)
 
 
+def read_meta(root: Path) -> dict:
+    """A prepared data set's meta.json (clips, their files and PQF lists)."""
+    meta_path = root / "meta.json"
+    if not meta_path.exists():
+        raise VrestoreError(f"{root}: no meta.json; build the data set with `vrestore prepare`")
+    return json.loads(meta_path.read_text())
+
+
 class PairedClips:
     """Windows of ``clip_len`` frames from a prepared data set folder;
     ``subset``: clip names or shell patterns (``ldv_*``) to keep."""
@@ -66,10 +74,7 @@ class PairedClips:
     def __init__(self, root: str | Path, clip_len: int, patch: int, *, subset: list[str] | None = None,
                  dedup: bool = False, max_frames: int | None = None):
         root = Path(root)
-        meta_path = root / "meta.json"
-        if not meta_path.exists():
-            raise VrestoreError(f"{root}: no meta.json; build the data set with `vrestore prepare`")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(root)
         self.scale = int(meta["scale"])
         self.clip_len, self.patch = clip_len, patch
         self.clips: list[Clip] = []
@@ -153,7 +158,7 @@ class FramePairs:
     def __init__(self, cache: str | Path, patch: int, subset: list[str] | None = None):
         d = np.load(cache)
         n = len([k for k in d.files if k.startswith("input_")])
-        keep = range(n)
+        keep = list(range(n))
         if subset:  # clip-name patterns, as PairedClips takes them (the three-step recipe's last step)
             names = [str(v) for v in d["names"]]
             keep = [k for k in keep if any(fnmatch(names[k], p) for p in subset)]
@@ -161,8 +166,7 @@ class FramePairs:
                 raise VrestoreError(f"{cache}: subset {subset} matches none of its clips {names}")
         self.inp = [d[f"input_{k}"] for k in keep]
         self.gt = [d[f"gt_{k}"] for k in keep]
-        n = len(self.inp)
-        self.index = [(k, t) for k in range(n) for t in range(len(self.inp[k]))]
+        self.index = [(k, t) for k, clip in enumerate(self.inp) for t in range(len(clip))]
         self.patch = patch
 
     def sample(self, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -274,19 +274,20 @@ class Trainer:
     def _stage1_cache(self, root: str, name: str, frames: int | None = None) -> Path:
         """Run the stage-1 model once over the clips of ``root`` and cache
         (output, GT) frames: stage 2 fine-tunes and validates on them."""
-        from ..data.pairs import PairedClips
+        from ..data.pairs import PairedClips, read_meta
         from ..infer.restorer import Restorer
 
         d = self.cfg.data
         cache = self.out / f"{name}.npz"
-        clips = PairedClips(root, 2, 2, dedup=False)
         limit = frames or d.get("cache_frames")
-        made_from = stage1_cache_key(d.stage1, root, [c.name for c in clips.clips], limit)
+        # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
+        made_from = stage1_cache_key(d.stage1, root, sorted(read_meta(Path(root))["clips"]), limit)
         if cache.exists():
             with np.load(cache) as old:
                 if "made_from" in old.files and str(old["made_from"]) == made_from:
                     return cache
             log.info("stage-1 cache %s was made from other clips or another stage-1 model: rebuilding", cache)
+        clips = PairedClips(root, 2, 2, dedup=False)
         r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
         arrays: dict[str, np.ndarray] = {"made_from": np.array(made_from),
                                          "names": np.array([c.name for c in clips.clips])}
