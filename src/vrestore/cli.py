@@ -626,7 +626,8 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
 @app.command()
 @handled
 def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e.g. basicvsrpp_c64n7_x1) or path."),
-          stage2: str = typer.Option("none", help="Stage-2 model (name, path) or none."),
+          stage2: str = typer.Option("auto", help="auto (a bundled model's own stage 2, as `restore` runs it), "
+                                                  "none, or a stage-2 model (name, path)."),
           size: str = typer.Option("854x480", help="Input WIDTHxHEIGHT."),
           frames: int = typer.Option(30), chunk: int = typer.Option(32), overlap: int = typer.Option(8),
           warmup: int = typer.Option(0, help="Frames restored first and not timed (kernel set-up, first-touch "
@@ -642,7 +643,7 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
     from .weights import bundled_models
 
     def resolve(name: str | None):
-        if name in (None, "none", ""):
+        if name in (None, "none", "auto", ""):
             return None
         return build(name) if name in list_models() else name
 
@@ -651,14 +652,13 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
     except ValueError:
         raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
     if model in bundled_models():
-        r = make_restorer(model, None if stage2 == "none" else stage2, None, tta=False, dedup=False, device=device,
+        r = make_restorer(model, None if stage2 == "auto" else stage2, None, tta=False, dedup=False, device=device,
                           dtype=dtype, chunk=chunk, overlap=overlap, tile=0)
-        if stage2 == "none":
-            r.stage2 = None
     else:
         r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk,
                      overlap=min(overlap, chunk // 2), channels_last=False if plain else None)
-    res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": stage2, "plain": plain}
+    res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": stage2, "plain": plain,
+                                                                     "stage2_used": r.stage2 is not None}
     text = json.dumps(res, indent=1)
     out.print_json(text)
     if json_out:

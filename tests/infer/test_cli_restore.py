@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -66,6 +67,15 @@ def test_bench_reports_json(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["frames"] == 3 and res["fps"] > 0 and res["peak_rss_mb"] > 0
+    assert not res["stage2_used"]
+
+
+@pytest.mark.parametrize("stage2,used", [("auto", True), ("none", False)])
+def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, used):
+    r = runner.invoke(app, ["bench", "--model", "qe", "--stage2", stage2, "--size", "64x48", "--frames", "2",
+                            "--chunk", "2", "--overlap", "0", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["stage2_used"] is used
 
 
 def test_demo_runs_and_reports(tmp_path):
