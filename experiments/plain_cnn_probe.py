@@ -24,7 +24,7 @@ from torch import nn
 
 from vrestore import metrics
 from vrestore.data.pairs import PairedClips, to_tensor
-from vrestore.train.engine import charbonnier
+from vrestore.train.engine import LOSSES
 from vrestore.video.io import VideoReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,7 @@ def train(train_set: Path, steps: int, seed: int = 0, loss_name: str = "charbonn
         lq, gt, _ = data.sample(16, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(lq[:, 0])
-        loss = charbonnier(out.float(), gt[:, 0]) if loss_name == "charbonnier" else \
-            torch.nn.functional.mse_loss(out.float(), gt[:, 0])
+        loss = LOSSES[loss_name](out.float(), gt[:, 0])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -27,15 +27,21 @@ def test_bundled_model_is_registered_and_matches_its_entry(name):
     assert entry["recipe"].endswith(".yaml") and (Path(__file__).parents[2] / entry["recipe"]).is_file()
 
 
+def _restore_sample(tmp_path, scale: int, restorer: Restorer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first 32 frames of the bundled sample degraded with the LDV protocol: (GT, the baseline the model
+    is scored against (the compressed input, bicubic-upscaled for x2/x4), the restorer's output)."""
+    lq_path, gt_path = tmp_path / "lq.mkv", tmp_path / "gt.mkv"
+    rep = degrade_video(SAMPLE, lq_path, scale=scale, gt_dst=gt_path, max_frames=32)
+    lq = np.stack([f.rgb for f in VideoReader(lq_path)])
+    gt = np.stack([f.rgb for f in VideoReader(gt_path)])
+    baseline = bicubic_upscale(lq, scale) if scale > 1 else lq
+    return gt, baseline, restorer.restore_frames(lq, rep.pqfs)
+
+
 def test_bundled_x4_beats_bicubic_on_the_bundled_sample(tmp_path):
     """Model card: +0.16 dB over bicubic on the held-out clips and the demo clip; here 32 frames of the sample
     (its first 12 are high-quality frames where the gain is near 0; it grows on the low-quality ones)."""
-    lq_path, gt_path = tmp_path / "lq.mkv", tmp_path / "gt.mkv"
-    rep = degrade_video(SAMPLE, lq_path, scale=4, gt_dst=gt_path, max_frames=32)
-    lq = np.stack([f.rgb for f in VideoReader(lq_path)])
-    gt = np.stack([f.rgb for f in VideoReader(gt_path)])
-    bicubic = bicubic_upscale(lq, 4)
-    out = Restorer(bundled_path("x4"), chunk=32).restore_frames(lq, rep.pqfs)
+    gt, bicubic, out = _restore_sample(tmp_path, 4, Restorer(bundled_path("x4"), chunk=32))
     assert out.shape == gt.shape
     before = metrics.score_video(gt, bicubic, "bicubic").summary()["psnr_rgb"]
     after = metrics.score_video(gt, out, "x4").summary()["psnr_rgb"]
@@ -45,11 +51,7 @@ def test_bundled_x4_beats_bicubic_on_the_bundled_sample(tmp_path):
 def test_bundled_qe_both_stages_beat_the_compressed_input_on_the_bundled_sample(tmp_path):
     """Model card: stage 1 + stage 2 gain +0.025 dB on the held-out clips and +0.03 dB on the demo clip
     (stage 1 alone is the identity); here the first 32 frames of the sample."""
-    lq_path, gt_path = tmp_path / "lq.mkv", tmp_path / "gt.mkv"
-    rep = degrade_video(SAMPLE, lq_path, scale=1, gt_dst=gt_path, max_frames=32)
-    lq = np.stack([f.rgb for f in VideoReader(lq_path)])
-    gt = np.stack([f.rgb for f in VideoReader(gt_path)])
-    out = Restorer(bundled_path("qe"), bundled_path("qe:stage2"), chunk=32).restore_frames(lq, rep.pqfs)
+    gt, lq, out = _restore_sample(tmp_path, 1, Restorer(bundled_path("qe"), bundled_path("qe:stage2"), chunk=32))
     before = metrics.score_video(gt, lq, "input").summary()["psnr_rgb"]
     after = metrics.score_video(gt, out, "qe").summary()["psnr_rgb"]
     assert after > before + 0.01, (before, after)

@@ -67,6 +67,12 @@ def read_meta(root: Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
+def in_subset(name: str, subset: list[str] | None) -> bool:
+    """Whether a clip belongs to a recipe step's ``subset`` (clip names or
+    shell patterns such as ``ldv_*``); no subset means every clip."""
+    return not subset or any(fnmatch(name, pattern) for pattern in subset)
+
+
 class PairedClips:
     """Windows of ``clip_len`` frames from a prepared data set folder;
     ``subset``: clip names or shell patterns (``ldv_*``) to keep."""
@@ -79,7 +85,7 @@ class PairedClips:
         self.clip_len, self.patch = clip_len, patch
         self.clips: list[Clip] = []
         for name, c in sorted(meta["clips"].items()):
-            if subset and not any(fnmatch(name, pattern) for pattern in subset):
+            if not in_subset(name, subset):
                 continue
             lq, gt = _read_all(root / c["lq"]), _read_all(root / c["gt"])
             if max_frames:
@@ -161,7 +167,7 @@ class FramePairs:
         keep = list(range(n))
         if subset:  # clip-name patterns, as PairedClips takes them (the three-step recipe's last step)
             names = [str(v) for v in d["names"]]
-            keep = [k for k in keep if any(fnmatch(names[k], p) for p in subset)]
+            keep = [k for k in keep if in_subset(names[k], subset)]
             if not keep:
                 raise VrestoreError(f"{cache}: subset {subset} matches none of its clips {names}")
         self.inp = [d[f"input_{k}"] for k in keep]

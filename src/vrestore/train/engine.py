@@ -83,7 +83,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
     """Catch at start what would otherwise stop a run hours in: unknown
     losses or data kinds, and subsets that match no clip."""
-    from fnmatch import fnmatch
+    from ..data.pairs import in_subset
 
     meta = Path(str(cfg.get("data", {}).get("train", ""))) / "meta.json"
     clips = json.loads(meta.read_text()).get("clips", {}) if meta.exists() else None
@@ -98,7 +98,7 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
             raise VrestoreError(f"{label}: unknown data kind {kind!r}")
         subset = step.get("subset")
         if subset and clips is not None:
-            if not any(fnmatch(n, p) for n in clips for p in subset):
+            if not any(in_subset(n, subset) for n in clips):
                 raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {meta.parent}")
 
 
