@@ -39,7 +39,14 @@ def _recipe(path, data, **data_extra):
     return path / "recipe.yaml", OmegaConf.create(cfg)
 
 
-def _close(a: dict, b: dict, tol: float) -> None:
+#: largest weight difference allowed between two ways of computing the same global batch. The split's
+#: summation order moves weights by 2e-8 on this CPU and by 2.2e-6 on CI's; the bugs it must catch move
+#: them by far more (measured on this recipe: gradients summed instead of averaged 1.3e-3, each rank
+#: learning from its own half batch 4e-3)
+TOL = 2e-5
+
+
+def _close(a: dict, b: dict, tol: float = TOL) -> None:
     assert a.keys() == b.keys()
     worst, key = max((float((a[k].float() - b[k].float()).abs().max()), k) for k in a)
     assert worst <= tol, f"largest weight difference {worst} ({key})"
@@ -67,7 +74,7 @@ def test_accumulation_and_workers_give_the_weights_of_one_big_step(tmp_path, x4_
     Trainer(one).run()
     Trainer(acc).run()
     _close(load_file(tmp_path / "one" / "run" / "final.safetensors"),
-           load_file(tmp_path / "acc" / "run" / "final.safetensors"), 2e-6)
+           load_file(tmp_path / "acc" / "run" / "final.safetensors"))
 
 
 def test_batch_that_does_not_split_is_refused(tmp_path, x4_pairs):
@@ -96,7 +103,7 @@ def test_two_torchrun_processes_learn_what_one_process_learns(tmp_path, x4_pairs
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes" in r.stdout + r.stderr
     _close(load_file(tmp_path / "single" / "run" / "final.safetensors"),
-           load_file(tmp_path / "multi" / "run" / "final.safetensors"), 2e-6)
+           load_file(tmp_path / "multi" / "run" / "final.safetensors"))
     logs = (tmp_path / "multi" / "run" / "metrics.jsonl").read_text().splitlines()
     assert len([ln for ln in logs if '"loss"' in ln]) == 5  # rank 0 alone logs, once per iteration
     single_log = (tmp_path / "single" / "run" / "metrics.jsonl").read_text().splitlines()
