@@ -5,7 +5,8 @@ so published weights load unchanged. Differences in how, not what: attention
 runs through ``scaled_dot_product_attention`` and each Swin block processes
 its windows in chunks (norm, attention and MLP are all window-local once the
 cyclic shift is applied), so memory stays bounded for large frames without
-tiling; shift masks are computed for the actual input size and cached.
+tiling; shift masks are computed for the actual input size, cached, and
+applied to the edge windows only (the others would add zeros).
 """
 
 from __future__ import annotations
@@ -80,16 +81,27 @@ class WindowAttention(nn.Module):
         idx = self.relative_position_index.view(-1)
         return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int) -> torch.Tensor:
-        """x (B*nW, N, C) with windows of each image contiguous; mask (nW, N, N)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int,
+                masked: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B*nW, N, C) with windows of each image contiguous; mask (nW, N, N).
+        ``masked`` lists the windows whose mask is not all zero (the last row
+        and column of windows): only those pay for the mask, the others share
+        the broadcast position bias, which saves building a (B*nW, heads, N, N)
+        bias that costs more than the attention itself."""
         bw, n, c = x.shape
         h = self.num_heads
         qkv = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn_bias = self.bias().to(q.dtype).unsqueeze(0)  # (1, h, N, N)
-        if mask is not None:
+        if mask is not None and masked is None:  # dense form, for traced graphs
             attn_bias = (attn_bias + mask.to(q.dtype).unsqueeze(1)).repeat(bw // n_windows, 1, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        if mask is not None and masked is not None and masked.numel():
+            reps = bw // n_windows
+            idx = (torch.arange(reps, device=x.device)[:, None] * n_windows + masked).flatten()
+            edge_bias = (attn_bias + mask[masked].to(q.dtype).unsqueeze(1)).repeat(reps, 1, 1, 1)
+            edge = F.scaled_dot_product_attention(q[idx], k[idx], v[idx], attn_mask=edge_bias)
+            out = out.index_copy(0, idx, edge)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -104,18 +116,21 @@ class SwinTransformerBlock(nn.Module):
         self.attn = WindowAttention(dim, ws, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+    def _mask(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The shift mask for an h x w input and the indices of its windows that it does not leave at zero."""
         if not self.shift:
-            return None
+            return None, None
         key = (h, w)
-        if key not in self._masks or self._masks[key].device != device:
-            self._masks = {key: shift_mask(h, w, self.ws, self.shift).to(device)}
+        if key not in self._masks or self._masks[key][0].device != device:
+            m = shift_mask(h, w, self.ws, self.shift).to(device)
+            self._masks = {key: (m, m.ne(0).flatten(1).any(1).nonzero().flatten())}
         return self._masks[key]
 
-    def _window_chunk(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask, n_windows)
+    def _window_chunk(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int,
+                      masked: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, n_windows, masked)
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -127,20 +142,22 @@ class SwinTransformerBlock(nn.Module):
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         win = window_partition(x, ws)  # (b*nW, N, C)
         nw = (h // ws) * (w // ws)
-        mask = self._mask(h, w, x.device)
+        mask, masked = self._mask(h, w, x.device)
         if torch.jit.is_tracing():  # exported graphs take all windows at once (sizes are dynamic there)
-            step = win.shape[0]
+            step, masked = win.shape[0], None
         else:
             step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
         if step is not None:  # whole images per chunk
-            outs = [self._window_chunk(win[i: i + step], mask, nw) for i in range(0, win.shape[0], step)]
+            outs = [self._window_chunk(win[i: i + step], mask, nw, masked) for i in range(0, win.shape[0], step)]
         else:  # large image: chunks of windows within one image
             outs = []
             for img in range(b):
                 for i in range(0, nw, self.chunk_windows):
                     j = min(i + self.chunk_windows, nw)
-                    m = None if mask is None else mask[i:j]
-                    outs.append(self._window_chunk(win[img * nw + i: img * nw + j], m, j - i))
+                    m = sel = None
+                    if mask is not None:
+                        m, sel = mask[i:j], masked[(masked >= i) & (masked < j)] - i
+                    outs.append(self._window_chunk(win[img * nw + i: img * nw + j], m, j - i, sel))
         win = torch.cat(outs) if len(outs) > 1 else outs[0]
         x = window_reverse(win, ws, b, h, w)
         if self.shift:
