@@ -96,7 +96,7 @@ class WindowAttention(nn.Module):
         if mask is not None and masked is None:  # dense form, for traced graphs
             attn_bias = (attn_bias + mask.to(q.dtype).unsqueeze(1)).repeat(bw // n_windows, 1, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
-        if mask is not None and masked is not None and masked.numel():
+        if masked is not None and masked.numel():  # masked is given with a mask only
             reps = bw // n_windows
             idx = (torch.arange(reps, device=x.device)[:, None] * n_windows + masked).flatten()
             edge_bias = (attn_bias + mask[masked].to(q.dtype).unsqueeze(1)).repeat(reps, 1, 1, 1)
@@ -149,15 +149,16 @@ class SwinTransformerBlock(nn.Module):
             step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
         if step is not None:  # whole images per chunk
             outs = [self._window_chunk(win[i: i + step], mask, nw, masked) for i in range(0, win.shape[0], step)]
-        else:  # large image: chunks of windows within one image
-            outs = []
-            for img in range(b):
-                for i in range(0, nw, self.chunk_windows):
-                    j = min(i + self.chunk_windows, nw)
-                    m = sel = None
-                    if mask is not None:
-                        m, sel = mask[i:j], masked[(masked >= i) & (masked < j)] - i
-                    outs.append(self._window_chunk(win[img * nw + i: img * nw + j], m, j - i, sel))
+        else:  # large image: chunks of windows within one image, the same chunks for every image
+            chunks = []
+            for i in range(0, nw, self.chunk_windows):
+                j = min(i + self.chunk_windows, nw)
+                m = sel = None
+                if mask is not None:
+                    m, sel = mask[i:j], masked[(masked >= i) & (masked < j)] - i
+                chunks.append((i, j, m, sel))
+            outs = [self._window_chunk(win[img * nw + i: img * nw + j], m, j - i, sel)
+                    for img in range(b) for i, j, m, sel in chunks]
         win = torch.cat(outs) if len(outs) > 1 else outs[0]
         x = window_reverse(win, ws, b, h, w)
         if self.shift:
