@@ -10,7 +10,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py chunks     # chunked vs whole-sequence outputs (bundled model), per frame
     python benchmarks/run.py onnx       # onnxruntime (CPU) vs torch fp32 and bf16, per stage, 960x536
     python benchmarks/run.py load       # 20 clips, 2 concurrent `restore` processes on one folder: checked
-    python benchmarks/run.py train      # training it/s of the small QE recipe: bf16 + kept heap vs fp32 eager
+    python benchmarks/run.py train      # training it/s, small QE recipes: bf16, channels-last, compile vs fp32
     python benchmarks/run.py report     # rewrite RESULTS.md
 
 Run on an otherwise idle machine; each measurement states its precision,
@@ -328,8 +328,10 @@ def train() -> None:
     """Iterations/s of the small CPU QE recipe's first step (the real engine:
     data sampling, forward, loss, backward, clipping, Adam, EMA) on a real clip
     prepared with the LDV protocol. The baseline is plain fp32 eager on glibc's
-    default heap; against it, what `vrestore train` does here (bf16 autocast,
-    the kept heap) and each of the two alone. One child process per row."""
+    default heap in the default layout; against it, what `vrestore train` does
+    here (bf16 autocast, the kept heap, a channels-last model), the same without
+    channels-last or in fp32, and with the recipe's ``compile: true`` (the
+    first iterations, which compile, are not timed). One child process per row."""
     import tempfile
 
     from vrestore.data.sources import sample_clip
@@ -344,23 +346,32 @@ def train() -> None:
             for f in VideoReader(sample_clip("bikes"), max_frames=40):
                 w.write(f.rgb)
         prepare_dataset(clean, Path(tmp) / "qe", task="qe")
-        for dtype, malloc in (("fp32", "system"), ("fp32", "kept"), ("bf16", "system"), ("bf16", "kept")):
-            rows.append(_child([__file__, "_train_row", tmp, dtype], malloc))
-    for r in rows:
-        r["speedup"] = r["it_per_s"] / rows[0]["it_per_s"]
+        for stage, settings in (("stage1", (("fp32", "system", "0", "0"), ("fp32", "kept", "1", "0"),
+                                            ("bf16", "kept", "0", "0"), ("bf16", "kept", "1", "0"),
+                                            ("bf16", "kept", "1", "1"))),
+                                ("stage2", (("fp32", "system", "0", "0"), ("bf16", "kept", "1", "0"),
+                                            ("bf16", "kept", "1", "1")))):
+            first = len(rows)
+            for dtype, malloc, cl, comp in settings:
+                rows.append({"stage": stage} | _child([__file__, "_train_row", tmp, dtype, cl, comp, stage], malloc))
+            for r in rows[first:]:  # against the plain fp32 eager row of the same recipe
+                r["speedup"] = r["it_per_s"] / rows[first]["it_per_s"]
     from omegaconf import OmegaConf
 
-    data = OmegaConf.load(TRAIN_RECIPE).data
-    _save("train", {"recipe": f"{TRAIN_RECIPE.relative_to(HERE.parent)} (first step)", "batch": data.batch,
-                    "clip_len": data.clip_len, "patch": data.patch, "iterations_timed": TRAIN_ITERS - TRAIN_SKIP,
-                    "amx": bool(torch.cpu._is_amx_tile_supported()), "rows": rows})
+    recipes = {k: f"{v.relative_to(HERE.parent)} (first step, {OmegaConf.load(v).data.batch} per batch)"
+               for k, v in TRAIN_RECIPES.items()}
+    data = OmegaConf.load(TRAIN_RECIPES["stage1"]).data
+    _save("train", {"recipes": recipes, "stage1_clip_len": data.clip_len, "stage1_patch": data.patch,
+                    "iterations_timed": TRAIN_ITERS - TRAIN_SKIP, "amx": bool(torch.cpu._is_amx_tile_supported()),
+                    "rows": rows})
 
 
 TRAIN_ITERS, TRAIN_SKIP = 10, 2
-TRAIN_RECIPE = HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml"
+TRAIN_RECIPES = {"stage1": HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml",
+                 "stage2": HERE.parent / "configs" / "qe_swinir_t_stage2_cpu_identity.yaml"}
 
 
-def _train_row(tmp: str, dtype: str) -> None:
+def _train_row(tmp: str, dtype: str, channels_last: str, compile: str, stage: str) -> None:
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -369,16 +380,17 @@ def _train_row(tmp: str, dtype: str) -> None:
     from vrestore.train.plot import read_log
 
     kept = keep_freed_memory()
-    base = OmegaConf.load(TRAIN_RECIPE)
-    run = f"{tmp}/run_{dtype}_{'kept' if kept else 'system'}"
-    cfg = OmegaConf.merge(base, {"out": run, "dtype": dtype, "device": "cpu",
-                                 "data": {"train": f"{tmp}/qe"}, "val": {"every": 0},
+    base = OmegaConf.load(TRAIN_RECIPES[stage])
+    cl, comp = channels_last == "1", compile == "1"
+    run = f"{tmp}/run_{stage}_{dtype}_{'kept' if kept else 'system'}_{channels_last}{compile}"
+    cfg = OmegaConf.merge(base, {"out": run, "dtype": dtype, "device": "cpu", "channels_last": cl, "compile": comp,
+                                 "data": {"train": f"{tmp}/qe"}, "val": {"every": 0, "at_start": False},
                                  "checkpoint_every": 10 ** 6})
-    cfg.steps = [{"name": "bench", "iters": TRAIN_ITERS, "loss": "charbonnier"}]
+    cfg.steps = [dict(base.steps[0]) | {"name": "bench", "iters": TRAIN_ITERS}]
     tr = Trainer(cfg)
     tr.run()
     secs = [r["sec"] for r in read_log(Path(run)) if "sec" in r]
-    print(json.dumps({"dtype": dtype, "heap": "kept" if kept else "system",
+    print(json.dumps({"dtype": dtype, "heap": "kept" if kept else "system", "channels_last": cl, "compile": comp,
                       "it_per_s": 1 / float(np.mean(secs[TRAIN_SKIP:])),
                       "sec_per_it": float(np.mean(secs[TRAIN_SKIP:])), "first_iters_s": float(sum(secs[:TRAIN_SKIP]))}))
 

@@ -295,7 +295,8 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
 
 
 def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *, tta: bool, dedup: bool,
-                  device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto"):
+                  device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto",
+                  compile: bool = False):
     """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer."""
     from .infer.restorer import Restorer
     from .weights import bundled_models, bundled_path
@@ -309,7 +310,7 @@ def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *,
     if stage2 in ("none", ""):
         stage2 = None
     return Restorer(stage1, stage2, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap, tile=tile,
-                    dedup=dedup, backend=backend)
+                    dedup=dedup, backend=backend, compile=compile)
 
 
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
@@ -405,7 +406,10 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             size: str = typer.Option(None, help="For raw .yuv: WIDTHxHEIGHT."),
             pix_fmt: str = typer.Option("yuv420p", help="For raw .yuv."),
             fps: float = typer.Option(25.0, help="For raw .yuv."),
-            overwrite: bool = typer.Option(False, help="Replace existing outputs.")) -> None:
+            overwrite: bool = typer.Option(False, help="Replace existing outputs."),
+            compile: bool = typer.Option(False, "--compile", help="torch.compile stage 2: faster per frame after "
+                                         "a one-off compilation per frame size (needs a C++ compiler on CPUs).")
+            ) -> None:
     """Restore a video (or a folder of videos) in one streaming pass."""
     import os
 
@@ -414,7 +418,7 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
     if not src.exists():
         raise VrestoreError(f"{src}: no such file or directory")
     restorer = make_restorer(model, stage2, ensemble, tta=tta, dedup=dedup, device=device, dtype=dtype,
-                             chunk=chunk, overlap=overlap, tile=tile, backend=backend)
+                             chunk=chunk, overlap=overlap, tile=tile, backend=backend, compile=compile)
     pqfs = _parse_pqfs(pqf)
     raw = _raw_spec(size, pix_fmt, fps)
     is_batch = src.is_dir() and not any(src.glob("*.png"))
@@ -635,6 +639,8 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           whole: bool = typer.Option(False, help="The straightforward way: whole clip in one tensor."),
           plain: bool = typer.Option(False, help="No channels_last (plain eager layout)."),
           device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+          compile: bool = typer.Option(False, "--compile", help="torch.compile stage 2, as `restore --compile`; "
+                                       "the compilation happens in the warm-up frames."),
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
     from .infer.bench import bench as run_bench
@@ -653,12 +659,13 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
         raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
     if model in bundled_models():
         r = make_restorer(model, None if stage2 == "auto" else stage2, None, tta=False, dedup=False, device=device,
-                          dtype=dtype, chunk=chunk, overlap=overlap, tile=0)
+                          dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile)
     else:
         r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk,
-                     overlap=min(overlap, chunk // 2), channels_last=False if plain else None)
+                     overlap=min(overlap, chunk // 2), channels_last=False if plain else None, compile=compile)
     res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": stage2, "plain": plain,
-                                                                     "stage2_used": r.stage2 is not None}
+                                                                     "stage2_used": r.stage2 is not None,
+                                                                     "compiled": r.compiled}
     text = json.dumps(res, indent=1)
     out.print_json(text)
     if json_out:

@@ -43,3 +43,19 @@ def test_kept_heap_serves_large_blocks_and_keeps_them():
     # kept: it comes from the heap, which keeps the pages after the tensor is freed
     assert kept["mapped"] < 128 * mb <= kept["heap"]
     assert kept["heap_after_free"] >= 128 * mb
+
+
+def test_compiling_for_the_cpu_without_a_cxx_compiler_says_so(monkeypatch):
+    """Inductor builds C++ kernels on the CPU: no compiler is a clear error up front, not a crash mid-video."""
+    import shutil
+
+    import torch
+
+    from vrestore.errors import VrestoreError
+    from vrestore.infer.device import compile_units
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    m = torch.nn.Conv2d(3, 3, 3)
+    with pytest.raises(VrestoreError, match="C\\+\\+ compiler"):
+        compile_units(m)
+    assert m._compiled_call_impl is None

@@ -6,7 +6,7 @@ import torch
 
 import vrestore
 from vrestore.models import build
-from vrestore.models.swinir import SwinTransformerBlock, shift_mask
+from vrestore.models.swinir import SwinTransformerBlock, edge_windows, shift_mask
 
 
 def test_reference_vector(reference_dir):
@@ -78,6 +78,12 @@ def test_shift_mask_on_edge_windows_only_matches_the_dense_mask(monkeypatch, chu
     dense, g_dense = run()
     assert torch.allclose(split, dense, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_split, g_dense, strict=True))
+
+
+@pytest.mark.parametrize("h,w", [(40, 56), (8, 64), (64, 8), (8, 8), (480, 856)])
+def test_edge_windows_are_the_windows_the_shift_mask_touches(h, w):
+    m = shift_mask(h, w, 8, 4)
+    assert edge_windows(h, w, 8) == m.ne(0).flatten(1).any(1).nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize("upsampler,scale", [("pixelshuffle", 2), ("pixelshuffle", 4), ("pixelshuffledirect", 4)])

@@ -8,9 +8,11 @@ AVX512-BF16), otherwise fp32.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..errors import VrestoreError
 
@@ -66,6 +68,30 @@ def select(device: str = "auto", dtype: str = "auto") -> Precision:
         if dev.type == "cpu" and dt == torch.float16:
             raise VrestoreError("fp16 is not supported on the CPU; use bf16 or fp32")
     return Precision(dev, dt)
+
+
+def compile_units(model: nn.Module, *, inference: bool = False) -> list[nn.Module]:
+    """``torch.compile`` the parts of ``model`` that run as fixed graphs, in place.
+
+    The units are what the model's ``compile_units()`` names (a recurrent
+    network: a whole-model compile would unroll its Python loop over frames once
+    per clip length), else the whole model. In place (``nn.Module.compile``), so
+    parameter names, state dicts and deep copies (the EMA, which stays eager)
+    are the plain model's. ``inference`` also freezes the weights into the graph
+    (inductor ``freezing``), which only inference may do. Inductor builds C++
+    kernels on the CPU, so a compiler must be installed; checked here rather
+    than at the first frame.
+    """
+    if next(model.parameters()).device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise VrestoreError("compiling for the CPU needs a C++ compiler (g++ or clang++) on the PATH; "
+                            "install one or run without compiling")
+    units = model.compile_units() if hasattr(model, "compile_units") else [model]
+    # Units of one class share a code object, and so dynamo's limit of graphs per code object (8): BasicVSR++
+    # has 6 residual trunks of different widths, times training and validation, plus growth.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for u in units:
+        u.compile(dynamic=False, options={"freezing": True} if inference else {})
+    return units
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)

@@ -227,6 +227,14 @@ class BasicVSRPlusPlus(nn.Module):
         self.cfg.num_reconstruction_blocks += num_blocks
 
     # -- forward ------------------------------------------------------------
+    def compile_units(self) -> list[nn.Module]:
+        """The per-frame blocks that ``torch.compile`` should see as graphs. The
+        recurrence over frames stays eager (a whole-model compile unrolls it and,
+        in torch 2.13, crashed inductor's CPU code generation at SPyNet's 1x1
+        pyramid level); so does SPyNet, no faster compiled level by level."""
+        return [self.feat_extract, *self.backbone.values(), *(a.conv_offset for a in self.deform_align.values()),
+                self.reconstruction, self.upsample1, self.upsample2, self.conv_hr, self.conv_last]
+
     def compute_flow(self, lqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, c, h, w = lqs.shape
         a = lqs[:, :-1].reshape(-1, c, h, w)

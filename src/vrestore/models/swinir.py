@@ -55,6 +55,15 @@ def shift_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
 
 
+def edge_windows(h: int, w: int, ws: int) -> list[int]:
+    """Indices (ascending) of the windows that ``shift_mask`` does not leave at
+    zero: the last column and the last row of windows, where the cyclic shift
+    brings two regions together. Plain integers from the sizes, so that
+    ``torch.compile`` sees constants rather than a data-dependent ``nonzero``."""
+    nh, nw = h // ws, w // ws
+    return [r * nw + nw - 1 for r in range(nh - 1)] + list(range((nh - 1) * nw, nh * nw))
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -116,16 +125,15 @@ class SwinTransformerBlock(nn.Module):
         self.attn = WindowAttention(dim, ws, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self._masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _mask(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The shift mask for an h x w input and the indices of its windows that it does not leave at zero."""
+    def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        """The shift mask for an h x w input (cached for the last size)."""
         if not self.shift:
-            return None, None
+            return None
         key = (h, w)
-        if key not in self._masks or self._masks[key][0].device != device:
-            m = shift_mask(h, w, self.ws, self.shift).to(device)
-            self._masks = {key: (m, m.ne(0).flatten(1).any(1).nonzero().flatten())}
+        if key not in self._masks or self._masks[key].device != device:
+            self._masks = {key: shift_mask(h, w, self.ws, self.shift).to(device)}
         return self._masks[key]
 
     def _window_chunk(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int,
@@ -142,11 +150,13 @@ class SwinTransformerBlock(nn.Module):
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         win = window_partition(x, ws)  # (b*nW, N, C)
         nw = (h // ws) * (w // ws)
-        mask, masked = self._mask(h, w, x.device)
+        mask = self._mask(h, w, x.device)
+        edges = edge_windows(h, w, ws) if mask is not None else []
         if torch.jit.is_tracing():  # exported graphs take all windows at once (sizes are dynamic there)
             step, masked = win.shape[0], None
         else:
             step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
+            masked = torch.tensor(edges, dtype=torch.long, device=x.device) if mask is not None else None
         if step is not None:  # whole images per chunk
             outs = [self._window_chunk(win[i: i + step], mask, nw, masked) for i in range(0, win.shape[0], step)]
         else:  # large image: chunks of windows within one image, the same chunks for every image
@@ -155,7 +165,8 @@ class SwinTransformerBlock(nn.Module):
                 j = min(i + self.chunk_windows, nw)
                 m = sel = None
                 if mask is not None:
-                    m, sel = mask[i:j], masked[(masked >= i) & (masked < j)] - i
+                    m = mask[i:j]
+                    sel = torch.tensor([e - i for e in edges if i <= e < j], dtype=torch.long, device=x.device)
                 chunks.append((i, j, m, sel))
             outs = [self._window_chunk(win[img * nw + i: img * nw + j], m, j - i, sel)
                     for img in range(b) for i, j, m, sel in chunks]

@@ -180,7 +180,7 @@ class Trainer:
         self.tb = self._tensorboard() if self.rank == 0 else None
         self.seed = int(cfg.get("seed", 0))
         self.state = {"global_iter": 0, "step_idx": 0, "iter_in_step": 0, "lr_scale": 1.0, "best_psnr": -1.0}
-        self.model = self._build_model().to(self.precision.device)
+        self.model = self._prepared(self._build_model())
         self.ema: nn.Module | None = None
         self.optim: torch.optim.Optimizer | None = None
         self.metrics_path = self.out / "metrics.jsonl"
@@ -232,6 +232,23 @@ class Trainer:
                 nn.init.zeros_(model.conv_last.weight)
                 nn.init.zeros_(model.conv_last.bias)
         return model.train()
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        """channels-last on the CPU (oneDNN's fast convolutions: 7 % per step of
+        the small QE recipe with bf16, ``benchmarks/run.py train``) unless the
+        recipe says ``channels_last: false``."""
+        cl = self.cfg.get("channels_last", None)
+        cl = self.precision.channels_last if cl is None else bool(cl)
+        return torch.channels_last if cl else torch.contiguous_format
+
+    def _prepared(self, model: nn.Module) -> nn.Module:
+        """The model on the device, in the memory format, and compiled when the
+        recipe says ``compile: true`` (``devmod.compile_units``)."""
+        model = model.to(self.precision.device).to(memory_format=self._memory_format)
+        if self.cfg.get("compile", False):
+            devmod.compile_units(model)
+        return model
 
     def _param_groups(self, lr: float, spynet_mult: float) -> list[dict]:
         spy = [p for n, p in self.model.named_parameters() if n.startswith("spynet.")]
@@ -330,8 +347,9 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
             raise VrestoreError(f"{path}: unreadable checkpoint ({e})") from None
         cfg = json.loads(ck["model_config"])
-        self.model = ARCHITECTURES[ck["model_arch"]].from_config(cfg).to(self.precision.device).train()
+        self.model = ARCHITECTURES[ck["model_arch"]].from_config(cfg).train()
         self.model.load_state_dict(ck["model"])
+        self.model = self._prepared(self.model)
         self.state.update(ck["state"])
         if ck.get("ema") is not None:
             self.ema = copy.deepcopy(self.model).eval()
@@ -430,8 +448,10 @@ class Trainer:
             if grow:  # new blocks' random init from a fixed seed: data workers and resumes draw on torch's RNG
                 torch.manual_seed(self.seed * 1009 + idx)
                 self.model.grow(grow)
+                self.model = self._prepared(self.model)  # the new blocks: layout, and a graph that holds them
                 if self.ema is not None:
                     self.ema.grow(grow)
+                    self.ema = self.ema.to(memory_format=self._memory_format)
                 log.info("grew the reconstruction trunk by %d blocks", grow)
         if self.optim is None:
             self._make_optimizer(step)
