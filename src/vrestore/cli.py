@@ -296,7 +296,7 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
 
 def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *, tta: bool, dedup: bool,
                   device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto",
-                  compile: bool = False):
+                  compile: bool = False, channels_last: bool | None = None):
     """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer."""
     from .infer.restorer import Restorer
     from .weights import bundled_models, bundled_path
@@ -310,7 +310,7 @@ def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *,
     if stage2 in ("none", ""):
         stage2 = None
     return Restorer(stage1, stage2, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap, tile=tile,
-                    dedup=dedup, backend=backend, compile=compile)
+                    dedup=dedup, backend=backend, compile=compile, channels_last=channels_last)
 
 
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
@@ -659,13 +659,15 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
         raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
     if model in bundled_models():
         r = make_restorer(model, None if stage2 == "auto" else stage2, None, tta=False, dedup=False, device=device,
-                          dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile)
+                          dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile,
+                          channels_last=False if plain else None)
     else:
         r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk,
                      overlap=min(overlap, chunk // 2), channels_last=False if plain else None, compile=compile)
     res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": stage2, "plain": plain,
                                                                      "stage2_used": r.stage2 is not None,
-                                                                     "compiled": r.compiled}
+                                                                     "compiled": r.compiled,
+                                                                     "channels_last": r.channels_last}
     text = json.dumps(res, indent=1)
     out.print_json(text)
     if json_out:

@@ -70,12 +70,15 @@ def test_bench_reports_json(tmp_path):
     assert not res["stage2_used"]
 
 
-@pytest.mark.parametrize("stage2,used", [("auto", True), ("none", False)])
-def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, used):
+@pytest.mark.parametrize("stage2,used,plain", [("auto", True, False), ("none", False, True)])
+def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, used, plain):
     r = runner.invoke(app, ["bench", "--model", "qe", "--stage2", stage2, "--size", "64x48", "--frames", "2",
-                            "--chunk", "2", "--overlap", "0", "--json", str(tmp_path / "b.json")])
+                            "--chunk", "2", "--overlap", "0", "--device", "cpu", "--json", str(tmp_path / "b.json")]
+                      + (["--plain"] if plain else []))
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "b.json").read_text())["stage2_used"] is used
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["stage2_used"] is used
+    assert res["channels_last"] is not plain  # --plain applies to bundled models too (on the CPU, else channels-last)
 
 
 def test_demo_runs_and_reports(tmp_path):
