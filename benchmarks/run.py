@@ -358,9 +358,10 @@ def train() -> None:
                 r["speedup"] = r["it_per_s"] / rows[first]["it_per_s"]
     from omegaconf import OmegaConf
 
-    recipes = {k: f"{v.relative_to(HERE.parent)} (first step, {OmegaConf.load(v).data.batch} per batch)"
+    loaded = {k: OmegaConf.load(v) for k, v in TRAIN_RECIPES.items()}
+    recipes = {k: f"{v.relative_to(HERE.parent)} (first step, {loaded[k].data.batch} per batch)"
                for k, v in TRAIN_RECIPES.items()}
-    data = OmegaConf.load(TRAIN_RECIPES["stage1"]).data
+    data = loaded["stage1"].data
     _save("train", {"recipes": recipes, "stage1_clip_len": data.clip_len, "stage1_patch": data.patch,
                     "iterations_timed": TRAIN_ITERS - TRAIN_SKIP, "amx": bool(torch.cpu._is_amx_tile_supported()),
                     "rows": rows})

@@ -151,12 +151,14 @@ class SwinTransformerBlock(nn.Module):
         win = window_partition(x, ws)  # (b*nW, N, C)
         nw = (h // ws) * (w // ws)
         mask = self._mask(h, w, x.device)
-        edges = edge_windows(h, w, ws) if mask is not None else []
+        masked = None
         if torch.jit.is_tracing():  # exported graphs take all windows at once (sizes are dynamic there)
-            step, masked = win.shape[0], None
+            step = win.shape[0]
         else:
             step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
-            masked = torch.tensor(edges, dtype=torch.long, device=x.device) if mask is not None else None
+            if mask is not None:
+                edges = edge_windows(h, w, ws)
+                masked = torch.tensor(edges, dtype=torch.long, device=x.device)
         if step is not None:  # whole images per chunk
             outs = [self._window_chunk(win[i: i + step], mask, nw, masked) for i in range(0, win.shape[0], step)]
         else:  # large image: chunks of windows within one image, the same chunks for every image

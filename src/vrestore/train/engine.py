@@ -83,10 +83,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
     """Catch at start what would otherwise stop a run hours in: unknown
     losses or data kinds, and subsets that match no clip."""
-    from ..data.pairs import in_subset
+    from ..data.pairs import in_subset, read_meta
 
-    meta = Path(str(cfg.get("data", {}).get("train", ""))) / "meta.json"
-    clips = json.loads(meta.read_text()).get("clips", {}) if meta.exists() else None
+    root = Path(str(cfg.get("data", {}).get("train", "")))
+    clips = read_meta(root).get("clips", {}) if (root / "meta.json").exists() else None
     for i, step in enumerate(cfg.steps):
         label = f"{where}: step {i} ({step.get('name', '?')})"
         if "iters" not in step:
@@ -99,7 +99,7 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
         subset = step.get("subset")
         if subset and clips is not None:
             if not any(in_subset(n, subset) for n in clips):
-                raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {meta.parent}")
+                raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {root}")
 
 
 def ema_warmup(decay: float, updates: int) -> float:
@@ -235,7 +235,7 @@ class Trainer:
 
     @property
     def _memory_format(self) -> torch.memory_format:
-        """channels-last on the CPU (oneDNN's fast convolutions: 7 % per step of
+        """channels-last on the CPU (oneDNN's fast convolutions: 4 % per step of
         the small QE recipe with bf16, ``benchmarks/run.py train``) unless the
         recipe says ``channels_last: false``."""
         cl = self.cfg.get("channels_last", None)
@@ -448,10 +448,11 @@ class Trainer:
             if grow:  # new blocks' random init from a fixed seed: data workers and resumes draw on torch's RNG
                 torch.manual_seed(self.seed * 1009 + idx)
                 self.model.grow(grow)
-                self.model = self._prepared(self.model)  # the new blocks: layout, and a graph that holds them
                 if self.ema is not None:
                     self.ema.grow(grow)
-                    self.ema = self.ema.to(memory_format=self._memory_format)
+                for m in (self.model, self.ema):  # the new blocks' layout; compiled units retrace on their own
+                    if m is not None:
+                        m.to(memory_format=self._memory_format)
                 log.info("grew the reconstruction trunk by %d blocks", grow)
         if self.optim is None:
             self._make_optimizer(step)
