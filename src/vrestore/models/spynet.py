@@ -61,6 +61,20 @@ class SPyNet(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
+    def predicts_zero(self) -> bool:
+        """Whether every level still has its zero output layer (never trained)."""
+        return all(not m.basic_module[-1].conv.weight.any() for m in self.basic_module)
+
+    def reset_output_layers(self) -> None:
+        """Random output layers (PyTorch's default init). Supervised flow
+        training from the zero start sits at a saddle: the output layer sees
+        features uncorrelated with the motion and keeps predicting zero, so the
+        layers before it get no gradient (measured: EPE equal to the zero
+        flow's after 750 iterations; with random output layers it falls from
+        iteration ~200)."""
+        for m in self.basic_module:
+            m.basic_module[-1].conv.reset_parameters()
+
     def compute_flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
         n, _, h, w = ref.shape
         refs = [(ref - self.mean) / self.std]

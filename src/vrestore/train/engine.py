@@ -34,16 +34,28 @@ from ..infer import device as devmod
 
 log = logging.getLogger(__name__)
 
-TRAINER_MODEL_KEYS = ("init", "zero_last", "he_init")  # recipe model keys the trainer acts on, not the network
+#: recipe model keys the trainer acts on, not the network
+TRAINER_MODEL_KEYS = ("init", "zero_last", "he_init", "spynet_init")
 
 
 def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.sqrt((x - y) ** 2 + eps * eps).mean()
 
 
-LOSSES = {"charbonnier": charbonnier, "mse": F.mse_loss, "l1": F.l1_loss}
-#: training data of a step: prepared pairs, noisy photographs (stage-2 pre-training), cached stage-1 outputs
-DATA_KINDS = ("pairs", "noisy_stills", "stage1_cache")
+def epe(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """End-point error of flows (N, 2, H, W): the mean length of the error vector."""
+    return torch.sqrt(((x - y) ** 2).sum(1) + 1e-12).mean()
+
+
+LOSSES = {"charbonnier": charbonnier, "mse": F.mse_loss, "l1": F.l1_loss, "epe": epe}
+#: training data of a step: prepared pairs, noisy photographs (stage-2 pre-training), cached stage-1 outputs,
+#: photograph views with known flow (SPyNet pre-training)
+DATA_KINDS = ("pairs", "noisy_stills", "stage1_cache", "known_flow")
+FLOW_KIND = "known_flow"
+
+
+def step_kind(cfg: DictConfig, step: DictConfig) -> str:
+    return str(step.get("data", cfg.get("data", {}).get("kind", "pairs")))
 
 
 def lr_factor(it: int, total: int, warmup: float, restarts: int, floor: float = 0.01) -> float:
@@ -93,9 +105,12 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
             raise VrestoreError(f"{label} lacks 'iters'")
         if step.get("loss", "charbonnier") not in LOSSES:
             raise VrestoreError(f"{label}: unknown loss {step.get('loss')!r}; use {', '.join(LOSSES)}")
-        kind = step.get("data", cfg.get("data", {}).get("kind", "pairs"))
+        kind = step_kind(cfg, step)
         if kind not in DATA_KINDS:
             raise VrestoreError(f"{label}: unknown data kind {kind!r}")
+        if (kind == FLOW_KIND) != (step.get("loss", "charbonnier") == "epe"):
+            raise VrestoreError(f"{label}: the flow pre-training ('data: {FLOW_KIND}') and the 'epe' loss go "
+                                "together")
         subset = step.get("subset")
         if subset and clips is not None:
             if not any(in_subset(n, subset) for n in clips):
@@ -219,7 +234,7 @@ class Trainer:
         from ..models import build, load
 
         m = dict(self.cfg.model)
-        init, zero_last, he_init = (m.pop(k, None) for k in TRAINER_MODEL_KEYS)
+        init, zero_last, he_init, spynet_init = (m.pop(k, None) for k in TRAINER_MODEL_KEYS)
         name = m.pop("name", None) or m.pop("arch", None)
         if init:
             model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
@@ -231,6 +246,10 @@ class Trainer:
             if zero_last:  # start as the identity (global residual only): no pre-trained weights to start from
                 nn.init.zeros_(model.conv_last.weight)
                 nn.init.zeros_(model.conv_last.bias)
+        if spynet_init:  # a pre-trained flow network (another run's flow step, or a published checkpoint)
+            if not hasattr(model, "spynet"):
+                raise VrestoreError(f"model.spynet_init: {name or init} has no SPyNet")
+            model.spynet.load_state_dict(load(spynet_init).spynet.state_dict())
         return model.train()
 
     @property
@@ -262,7 +281,9 @@ class Trainer:
         o = self.cfg.get("optim", {})
         lr = float(step.get("lr", o.get("lr", 1e-4)))
         betas = tuple(o.get("betas", (0.9, 0.99)))
-        self.optim = torch.optim.Adam(self._param_groups(lr, float(o.get("spynet_lr_mult", 0.25))), lr=lr,
+        # the flow pre-training trains SPyNet alone, at the step's own rate
+        mult = 1.0 if step_kind(self.cfg, step) == FLOW_KIND else float(o.get("spynet_lr_mult", 0.25))
+        self.optim = torch.optim.Adam(self._param_groups(lr, mult), lr=lr,
                                       betas=betas, eps=float(o.get("eps", 1e-8)),
                                       weight_decay=float(o.get("weight_decay", 0.0)))
         for g in self.optim.param_groups:
@@ -273,7 +294,7 @@ class Trainer:
         from ..data.pairs import FramePairs, NoisyStills, PairedClips
 
         d = self.cfg.data
-        kind = step.get("data", d.get("kind", "pairs"))
+        kind = step_kind(self.cfg, step)
         subset = step.get("subset", None)
         key = f"{kind}:{subset}"
         if key not in self._datasets:
@@ -281,6 +302,10 @@ class Trainer:
                 self._datasets[key] = PairedClips(d.train, int(d.clip_len), int(d.patch),
                                                   subset=list(subset) if subset else None,
                                                   dedup=bool(d.get("dedup", False)))
+            elif kind == FLOW_KIND:
+                from ..data.flow import KnownFlowPairs
+
+                self._datasets[key] = KnownFlowPairs(int(step.get("patch", 64)), float(step.get("max_shift", 12.0)))
             elif kind == "noisy_stills":
                 self._datasets[key] = NoisyStills(int(d.patch), tuple(d.get("sigma", (5.0, 50.0))))
             else:  # stage1_cache (check_steps admits DATA_KINDS only)
@@ -443,6 +468,10 @@ class Trainer:
         went back to an earlier step (``run`` then carries on from there)."""
         o = self.cfg.get("optim", {})
         idx, total = self.state["step_idx"], int(step.iters)
+        is_video = hasattr(self.model, "propagate")
+        flow = step_kind(self.cfg, step) == FLOW_KIND
+        if flow and not is_video:
+            raise VrestoreError(f"step {step.get('name', idx)}: flow pre-training needs a model with SPyNet")
         if self.state["iter_in_step"] == 0:
             grow = int(step.get("grow", 0))
             if grow:  # new blocks' random init from a fixed seed: data workers and resumes draw on torch's RNG
@@ -454,6 +483,11 @@ class Trainer:
                     if m is not None:
                         m.to(memory_format=self._memory_format)
                 log.info("grew the reconstruction trunk by %d blocks", grow)
+            if flow and self.model.spynet.predicts_zero():
+                torch.manual_seed(self.seed * 1009 + idx)  # leave the zero-flow saddle (SPyNet.reset_output_layers)
+                self.model.spynet.reset_output_layers()
+                if self.ema is not None:
+                    self.ema.spynet.load_state_dict(self.model.spynet.state_dict())
         if self.optim is None:
             self._make_optimizer(step)
         if self.ema is None and float(o.get("ema", 0)) > 0:
@@ -468,10 +502,11 @@ class Trainer:
                                 "steps (the recipe's batch is the global batch of one optimiser step)")
         warmup, restarts = float(step.get("warmup", o.get("warmup", 0.1))), int(step.get("restarts", 1))
         freeze = int(o.get("spynet_freeze", 0))
+        # SPyNet's freeze counts restoration iterations: flow pre-training steps before this one do not count
+        flow_before = sum(int(s.iters) for s in list(self.cfg.steps)[:idx] if step_kind(self.cfg, s) == FLOW_KIND)
         clip = float(o.get("grad_clip", 0) or 0)
         ckpt_every = int(self.cfg.get("checkpoint_every", 100))
         val_every = int(self.cfg.get("val", {}).get("every", 0) or 0)
-        is_video = hasattr(self.model, "propagate")
         bad = 0
         name = step.get("name", f"step{idx}")
         task = progress.add_task(name, total=total, rate="") if progress else None
@@ -486,8 +521,8 @@ class Trainer:
                     grp["lr"] = grp["base_lr"] * factor
                 if is_video:
                     for p in self.model.spynet.parameters():
-                        p.requires_grad_(g >= freeze)
-                loss, norm = self._step(micro, loss_fn, clip, is_video)
+                        p.requires_grad_(flow or g - flow_before >= freeze)
+                loss, norm = self._step(micro, loss_fn, clip, is_video, flow)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     bad += 1
                     self.optim.zero_grad(set_to_none=True)
@@ -516,6 +551,8 @@ class Trainer:
                 now = time.perf_counter()
                 rec = {"iter": g, "step": name, "loss": loss, "lr": self.optim.param_groups[0]["lr"],
                        "sec": now - t_last}
+                if flow:  # what predicting no motion scores on this batch: the bar the flow must clear
+                    rec["zero_flow_epe"] = float(np.mean([float(epe(torch.zeros_like(m[1]), m[1])) for m in micro]))
                 if val_every and g % val_every == 0 and self.rank == 0:
                     rec["val_psnr"] = self.validate()
                     if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
@@ -541,26 +578,36 @@ class Trainer:
         return torch.utils.data.DataLoader(source, batch_size=None, sampler=range(g0, g0 + n),
                                            num_workers=workers, prefetch_factor=4)
 
-    def _step(self, micro: list[tuple], loss_fn, clip: float, is_video: bool) -> tuple[float, float]:
+    def _step(self, micro: list[tuple], loss_fn, clip: float, is_video: bool, flow: bool = False
+              ) -> tuple[float, float]:
         """Forward and backward over this process's micro-batches (gradients
         averaged over processes and micro-batches), then clip. Returns (global
-        mean loss, gradient norm); both non-finite checks agree on every rank."""
-        model = self._wrapped()
+        mean loss, gradient norm); both non-finite checks agree on every rank.
+        ``flow``: the micro-batches are (frame pairs, known flow) for SPyNet alone."""
+        model = self.model if flow else self._wrapped()  # DDP hooks the full forward only: flow grads reduced below
         self.optim.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.precision.device)
         for k, mb in enumerate(micro):
             lq, gt = mb[0].to(self.precision.device), mb[1].to(self.precision.device)
             if self.precision.channels_last and lq.dim() == 4:
                 lq = lq.contiguous(memory_format=torch.channels_last)
-            sync = k == len(micro) - 1 or self.world == 1
+            sync = k == len(micro) - 1 or self.world == 1 or flow
             with contextlib.nullcontext() if sync else model.no_sync(), self.precision.autocast():
-                out = model(lq, pqfs=mb[2]) if is_video else model(lq)
+                if flow:
+                    out = model.spynet(lq[:, 0], lq[:, 1])
+                else:
+                    out = model(lq, pqfs=mb[2]) if is_video else model(lq)
                 loss = loss_fn(out.float(), gt) / len(micro)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
         if self.world > 1:
             torch.distributed.all_reduce(total)
             total /= self.world
+            if flow:
+                for p in self.model.spynet.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.world
         if self.scaler is not None:
             self.scaler.unscale_(self.optim)
         params = [p for p in self.model.parameters() if p.grad is not None]
