@@ -46,18 +46,17 @@ def warp_psnr(ref: torch.Tensor, supp: torch.Tensor, flow: torch.Tensor | None) 
     return float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
 
 
+DIRECTIONS = ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1)))  # (ref, supp) frames
+
+
 def measure(model, lq: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     """lq (T, 3, h, w), gt (T, 3, H, W): warp PSNR with the model's flow and with none."""
-    low_res = model.cfg.is_low_res_input
-    flow_in = lq if low_res else F.interpolate(lq, scale_factor=0.25, mode="bicubic")
-    size = flow_in.shape[-2:]
-    clean = F.interpolate(gt, size=size, mode="area")
+    flow_in = model.flow_frames(lq.unsqueeze(0))[0]
+    clean = F.interpolate(gt, size=flow_in.shape[-2:], mode="area")
     out = {"zero_flow": 0.0, "model": 0.0}
-    with torch.inference_mode():
-        for a, b in ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))):
-            flow = model.spynet(flow_in[a], flow_in[b])
-            out["model"] += warp_psnr(clean[a], clean[b], flow) / 2
-            out["zero_flow"] += warp_psnr(clean[a], clean[b], None) / 2
+    for a, b in DIRECTIONS:
+        out["model"] += warp_psnr(clean[a], clean[b], model.spynet(flow_in[a], flow_in[b])) / 2
+        out["zero_flow"] += warp_psnr(clean[a], clean[b], None) / 2
     return out
 
 

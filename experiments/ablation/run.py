@@ -73,11 +73,11 @@ def build_data() -> None:
     """Clean sources -> LDV pairs: train (12 clips, 4 with repeated frames),
     val (2 pseudo-videos), test (Big Buck Bunny centre 640x352 and carphone,
     60 frames each) and test_dup (the test clips with repeated frames)."""
-    from vrestore.data.sources import PHOTOS, sample_clip, write_clean_sources
+    from vrestore.data.sources import PHOTOS, VALIDATION_PHOTOS, sample_clip, write_clean_sources
     from vrestore.video.degrade import prepare_dataset
 
     clean = DATA / "clean"
-    train_photos = tuple(p for p in PHOTOS if p not in ("camera", "gravel"))
+    train_photos = tuple(p for p in PHOTOS if p not in VALIDATION_PHOTOS)
     write_clean_sources(clean / "train", photos=train_photos, clips=("bikes",))
     for name in DUP_CLIPS:
         p = clean / "train" / f"{name}.mkv"
@@ -85,7 +85,7 @@ def build_data() -> None:
         if not marker.exists():
             _write(p, with_repeats(_read(p), seed=len(name)))
             marker.touch()
-    write_clean_sources(clean / "val", photos=("camera", "gravel"), clips=())
+    write_clean_sources(clean / "val", photos=VALIDATION_PHOTOS, clips=())
     (clean / "test").mkdir(parents=True, exist_ok=True)
     (clean / "test_dup").mkdir(parents=True, exist_ok=True)
     for name in ("bigbuckbunny", "carphone"):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vrestore.data.flow import VALIDATION_PHOTOS, KnownFlowPairs, _rotation, affine_flow
+from vrestore.data.flow import KnownFlowPairs, _rotation, affine_flow
+from vrestore.data.sources import VALIDATION_PHOTOS
 from vrestore.models.spynet import flow_warp
 
 pytest.importorskip("skimage", reason="the photographs come with scikit-image")

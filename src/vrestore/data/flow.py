@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VrestoreError
-
-#: photographs of the validation pseudo-videos stay out of every training source
-VALIDATION_PHOTOS = ("camera", "gravel")
+from .sources import PHOTOS, VALIDATION_PHOTOS, photo
 
 
 def _rotation(theta: float) -> np.ndarray:
@@ -67,27 +65,23 @@ class KnownFlowPairs:
 
     def __init__(self, patch: int, max_shift: float = 12.0, max_rotate: float = 3.0, max_zoom: float = 0.04,
                  noise: float = 8.0, photos: tuple[str, ...] | None = None):
-        from .sources import PHOTOS, photo
-
         names = photos or tuple(p for p in PHOTOS if p not in VALIDATION_PHOTOS)
         if patch < 32:
             raise VrestoreError(f"flow patches must be at least 32 px (SPyNet's coarsest level), not {patch}")
         self.patch, self.max_shift, self.noise = patch, max_shift, noise
         self.max_rotate, self.max_zoom = math.radians(max_rotate), max_zoom
+        # distance from a view's centre to the farthest photograph pixel it can touch (scale k up to 1.25,
+        # then the shift, then the bicubic support)
+        self.margin = patch / 2.0 * math.sqrt(2.0) * (1.0 + max_zoom) * 1.25 + max_shift * 1.25 + 4.0
         self.levels: list[torch.Tensor] = []  # every photograph at 1, 1/2, 1/4 size where the views fit inside
         for n in names:
             img = torch.from_numpy(photo(n)).permute(2, 0, 1).float().div(255.0)
             for f in (1, 2, 4):
                 lev = F.avg_pool2d(img.unsqueeze(0), f)[0] if f > 1 else img
-                if min(lev.shape[1:]) >= 2 * self._margin() + 1:
+                if min(lev.shape[1:]) >= 2 * self.margin + 1:
                     self.levels.append(lev)
         if not self.levels:
             raise VrestoreError(f"no photograph is large enough for {patch} px flow patches")
-
-    def _margin(self) -> float:
-        """Distance from a view's centre to the farthest photograph pixel it can touch."""
-        reach = (self.patch / 2.0) * math.sqrt(2.0) * (1.0 + self.max_zoom) * 1.25  # k up to 1.25
-        return reach + self.max_shift * 1.25 + 4.0  # + bicubic support
 
     def sample(self, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.patch
@@ -95,7 +89,7 @@ class KnownFlowPairs:
         for _ in range(batch):
             img = self.levels[int(rng.integers(0, len(self.levels)))]
             h, w = img.shape[1:]
-            mg = self._margin()
+            mg = self.margin
             c1 = np.array([rng.uniform(mg, w - 1 - mg), rng.uniform(mg, h - 1 - mg)])
             k1 = rng.uniform(0.8, 1.25)
             th1 = rng.uniform(-math.pi, math.pi) if rng.random() < 0.5 else 0.0  # upright half the time

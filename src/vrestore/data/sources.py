@@ -22,6 +22,8 @@ from ..errors import VrestoreError
 SAMPLE_CLIPS = {"bigbuckbunny": "bigbuckbunny.mp4", "bikes": "bikes.mp4", "carphone": "carphone_pristine.mp4"}
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "motorcycle_left", "motorcycle_right", "brick", "grass", "gravel", "camera")
+#: photographs of the validation pseudo-videos: they stay out of every training source
+VALIDATION_PHOTOS = ("camera", "gravel")
 
 
 def sample_clip(name: str) -> Path:

@@ -235,6 +235,15 @@ class BasicVSRPlusPlus(nn.Module):
         return [self.feat_extract, *self.backbone.values(), *(a.conv_offset for a in self.deform_align.values()),
                 self.reconstruction, self.upsample1, self.upsample2, self.conv_hr, self.conv_last]
 
+    def flow_frames(self, lqs: torch.Tensor) -> torch.Tensor:
+        """The frames (N, T, C, h, w) SPyNet sees: the input, or for same-size
+        output the input at 1/4 size (bicubic), where the features live."""
+        if self.cfg.is_low_res_input:
+            return lqs
+        n, t, c, h, w = lqs.shape
+        small = F.interpolate(lqs.reshape(-1, c, h, w), scale_factor=0.25, mode="bicubic")
+        return small.reshape(n, t, c, h // 4, w // 4)
+
     def compute_flow(self, lqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, c, h, w = lqs.shape
         a = lqs[:, :-1].reshape(-1, c, h, w)
@@ -333,11 +342,7 @@ class BasicVSRPlusPlus(nn.Module):
             pqf: set[int] | torch.Tensor = set(range(0, t, self.cfg.pqf_period))
         else:
             pqf = pqfs if isinstance(pqfs, torch.Tensor) else set(pqfs)
-        if self.cfg.is_low_res_input:
-            lqs_flow = lqs
-        else:
-            lqs_flow = F.interpolate(lqs.reshape(-1, c, h, w), scale_factor=0.25, mode="bicubic").reshape(
-                n, t, c, h // 4, w // 4)
+        lqs_flow = self.flow_frames(lqs)
         feats = self.feat_extract(lqs.reshape(-1, c, h, w))
         feats = feats.reshape(n, t, -1, *feats.shape[-2:])
         spatial = [feats[:, i] for i in range(t)]
