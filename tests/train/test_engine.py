@@ -83,8 +83,19 @@ def _run(recipe, *args):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_kill_9_then_resume_gives_identical_weights(tmp_path, x4_pairs):
-    steps = [{"name": "a", "iters": 8, "loss": "charbonnier"}, {"name": "b", "iters": 4, "loss": "mse", "grow": 1}]
+RESUME_RECIPES = {
+    "restoration": [{"name": "a", "iters": 8, "loss": "charbonnier"},
+                    {"name": "b", "iters": 4, "loss": "mse", "grow": 1}],
+    # killed inside the flow step: its data RNG and the one-off reset of SPyNet's output layers must resume exactly
+    "flow": [{"name": "flow", "iters": 8, "data": "known_flow", "loss": "epe", "patch": 32, "batch": 4,
+              "lr": 1e-3, "max_shift": 3.0},
+             {"name": "b", "iters": 4, "loss": "mse"}],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RESUME_RECIPES))
+def test_kill_9_then_resume_gives_identical_weights(tmp_path, x4_pairs, kind):
+    steps = RESUME_RECIPES[kind]
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir()
     cut_dir.mkdir()
