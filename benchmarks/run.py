@@ -98,16 +98,18 @@ def _dcn_rows() -> None:
             off = torch.randn(1, 2 * 16 * 9, 180, 320) * 2
             mask = torch.rand(1, 16 * 9, 180, 320)
             conv = torch.nn.Conv2d(128, 64, 3, 1, 1).eval()
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if cl:  # the CPU model's layout: input, offsets and mask all channels-last
+                x, off, mask = (t.contiguous(memory_format=torch.channels_last) for t in (x, off, mask))
                 conv = conv.to(memory_format=torch.channels_last)
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.no_grad()
             with torch.no_grad(), ctx:
-                t_dcn = _timeit(lambda x=x, w=w, b=b, off=off, mask=mask: modulated_deform_conv2d(
-                    x, off, mask, w, b, 1, 1, 1, 1, 16))
-                t_conv = _timeit(lambda x=x, conv=conv: conv(x))
-            rows.append({"malloc": "kept" if kept else "system", "dtype": dtype, "channels_last": cl,
-                         "dcn_ms": t_dcn * 1e3, "conv_ms": t_conv * 1e3, "ratio": t_dcn / t_conv})
+                t_conv = _timeit(lambda x=x, conv=conv: conv(x), repeat=9)
+                for sampler in ("grid_sample", "gather"):  # gather: the first call compiles, _timeit's warm-up
+                    t_dcn = _timeit(lambda x=x, w=w, b=b, off=off, mask=mask, s=sampler: modulated_deform_conv2d(
+                        x, off, mask, w, b, 1, 1, 1, 1, 16, sampler=s), repeat=9)
+                    rows.append({"malloc": "kept" if kept else "system", "dtype": dtype, "channels_last": cl,
+                                 "sampler": sampler, "dcn_ms": t_dcn * 1e3, "conv_ms": t_conv * 1e3,
+                                 "ratio": t_dcn / t_conv})
     print(json.dumps(rows))
 
 
@@ -124,10 +126,15 @@ def _stage1_fps(name: str, w: int, h: int, dtype: str, frames: int = 10) -> floa
 
 
 def stage1() -> None:
+    """Both DCN samplers, so the two rows of each setting are taken on the same machine and day."""
     rows = []
     for name, (w, h) in (("basicvsrpp_c64n7_x1", (960, 536)), ("basicvsrpp_c64n7_x4", (240, 136))):
         for dtype in ("fp32", "bf16"):
-            rows.append({"model": name, "input": f"{w}x{h}", "dtype": dtype, "fps": _stage1_fps(name, w, h, dtype)})
+            for sampler in ("grid_sample", "gather"):
+                os.environ["VRESTORE_DCN_SAMPLER"] = sampler
+                rows.append({"model": name, "input": f"{w}x{h}", "dtype": dtype, "dcn_sampler": sampler,
+                             "fps": _stage1_fps(name, w, h, dtype)})
+    os.environ.pop("VRESTORE_DCN_SAMPLER")
     _save("stage1", {"clip_frames": 10, "rows": rows})
 
 

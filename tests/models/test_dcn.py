@@ -47,8 +47,16 @@ def naive_mdcn(x, offset, mask, weight, bias, stride, pad, dil, groups, dg):
     return out + bias.view(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("stride,pad,dil,groups,dg", [(1, 1, 1, 1, 2), (2, 1, 1, 2, 1), (1, 2, 2, 1, 4)])
-def test_matches_direct_definition(stride, pad, dil, groups, dg):
+@pytest.mark.parametrize("sampler", ["grid_sample", "gather"])
+@pytest.mark.parametrize("stride,pad,dil,groups,dg", [(1, 1, 1, 1, 2), (2, 1, 1, 2, 1), (2, 1, 1, 2, 2),
+                                                     (1, 2, 2, 1, 4)])
+def test_matches_direct_definition(stride, pad, dil, groups, dg, sampler):
+    if sampler == "gather" and dg % groups:
+        with pytest.raises(ValueError, match="divide deform_groups"):
+            modulated_deform_conv2d(torch.zeros(1, 8, 5, 5), torch.zeros(1, 18 * dg, 5, 5),
+                                    torch.zeros(1, 9 * dg, 5, 5), torch.zeros(6, 8 // groups, 3, 3), None, 1, 1, 1,
+                                    groups, dg, sampler=sampler)
+        return
     torch.manual_seed(0)
     x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
     weight = torch.randn(6, 8 // groups, 3, 3, dtype=torch.float64)
@@ -56,8 +64,11 @@ def test_matches_direct_definition(stride, pad, dil, groups, dg):
     ho = (7 + 2 * pad - dil * 2 - 1) // stride + 1
     wo = (9 + 2 * pad - dil * 2 - 1) // stride + 1
     offset = torch.randn(2, 2 * dg * 9, ho, wo, dtype=torch.float64) * 3  # many samples fall outside
+    offset[0, :4, 0, 0] = 1e6  # far outside, both ways: the gather sampler clamps positions to its zero border
+    offset[1, 4:8, 1, 0] = -1e6
     mask = torch.rand(2, dg * 9, ho, wo, dtype=torch.float64)
-    ours = modulated_deform_conv2d(x, offset, mask, weight, bias, stride, pad, dil, groups, dg)
+    with torch.no_grad():
+        ours = modulated_deform_conv2d(x, offset, mask, weight, bias, stride, pad, dil, groups, dg, sampler=sampler)
     ref = naive_mdcn(x, offset, mask, weight, bias, stride, pad, dil, groups, dg)
     assert torch.allclose(ours, ref, atol=1e-10)
 
@@ -73,14 +84,17 @@ def test_zero_offsets_unit_mask_equal_conv2d():
     assert torch.allclose(ours, F.conv2d(x, w, b, padding=1), atol=1e-4)
 
 
-def test_backward_is_correct():
+@pytest.mark.parametrize("sampler", ["grid_sample", "gather"])
+def test_backward_is_correct(sampler):
+    """The gather sampler runs eagerly under autograd (only inference compiles it)."""
     torch.manual_seed(2)
     args = [torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True),
             (torch.randn(1, 36, 4, 4, dtype=torch.float64) * 0.7).requires_grad_(),
             torch.rand(1, 18, 4, 4, dtype=torch.float64, requires_grad=True),
             torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True),
             torch.randn(2, dtype=torch.float64, requires_grad=True)]
-    assert torch.autograd.gradcheck(lambda *a: modulated_deform_conv2d(*a, 1, 1, 1, 1, 2), args, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *a: modulated_deform_conv2d(*a, 1, 1, 1, 1, 2, sampler=sampler), args,
+                                      atol=1e-6)
 
 
 def test_exports_to_onnx_and_runs(tmp_path):
@@ -135,3 +149,75 @@ def test_bf16_paths_are_close_to_fp32():
     assert auto.dtype == plain.dtype == torch.bfloat16
     assert (auto.float() - ref).abs().max() < 0.02 * scale
     assert (plain.float() - ref).abs().max() < 0.05 * scale  # offsets rounded to bf16 as well
+
+
+def test_auto_sampler_gathers_for_cpu_inference_only(monkeypatch):
+    """``auto`` compiles the gather sampler for CPU inference; autograd, ONNX export and float64 take grid_sample."""
+    from vrestore.models import dcn
+
+    monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
+    x, off, mask, w, b = _dcn_inputs(6)
+    args = (x, off, mask, w, b, 2, 4)
+    with torch.no_grad():
+        assert dcn._use_gather(None, *args)
+        assert not dcn._use_gather("grid_sample", *args)
+        assert not dcn._use_gather(None, x.double(), off, mask, w, b, 2, 4)
+        monkeypatch.setenv("VRESTORE_DCN_SAMPLER", "grid_sample")
+        assert not dcn._use_gather(None, *args)
+    monkeypatch.delenv("VRESTORE_DCN_SAMPLER")
+    assert not dcn._use_gather(None, x, off, mask, w.requires_grad_(), b, 2, 4)
+    with pytest.raises(ValueError, match="unknown DCN sampler"):
+        dcn._use_gather("bilinear", *args)
+    with pytest.raises(ValueError, match="divide deform_groups"):
+        dcn._use_gather("gather", x, off, mask, w, b, 4, 2)
+
+
+def test_gather_matches_grid_sample_in_fp32_and_bf16():
+    """The two samplers at a BasicVSR++-like shape (8 channels per group, channels-last offsets as the CPU model
+    makes them): equal in fp32, close under bf16 autocast, where both round the columns to bf16."""
+    torch.manual_seed(7)
+    x = torch.randn(1, 32, 23, 30).contiguous(memory_format=torch.channels_last)
+    off = (torch.randn(1, 2 * 4 * 9, 23, 30) * 4).contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(1, 4 * 9, 23, 30).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 32, 3, 3) * 0.1, torch.randn(16)
+    with torch.no_grad():
+        ref = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 1, 4, sampler="grid_sample")
+        got = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 1, 4, sampler="gather")
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert torch.allclose(got, ref, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got16 = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 1, 4, sampler="gather")
+    assert got16.dtype == torch.bfloat16
+    assert (got16.float() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_gather_reads_zeros_at_nan_and_infinite_positions():
+    x, off, mask, w, b = _dcn_inputs(8)
+    off[0, 0, 2, 3] = float("nan")
+    off[1, 5, 4, 4] = float("inf")
+    off[1, 6, 4, 5] = float("-inf")
+    with torch.no_grad():
+        got = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4, sampler="gather")
+        clean = off.clone()
+        clean[0, 0, 2, 3] = clean[1, 5, 4, 4] = clean[1, 6, 4, 5] = -1e6  # the same as far outside the image
+        ref = modulated_deform_conv2d(x, clean, mask, w, b, 1, 1, 1, 2, 4, sampler="grid_sample")
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_grid_sample(monkeypatch, caplog):
+    from vrestore.models import dcn
+
+    def broken(*a, **k):
+        raise RuntimeError("no Python.h")
+
+    monkeypatch.setattr(dcn, "_compiled", lambda: broken)
+    monkeypatch.setattr(dcn, "_COMPILED_OK", True)
+    monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
+    x, off, mask, w, b = _dcn_inputs(9)
+    with torch.no_grad():
+        got = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4)
+        ref = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4, sampler="grid_sample")
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert "using grid_sample from now on" in caplog.text
+    assert not dcn._COMPILED_OK and not dcn._use_gather(None, x, off, mask, w, b, 2, 4)

@@ -103,8 +103,8 @@ def keep_freed_memory() -> bool:
     glibc hands every block over 32 MB to mmap and unmaps it on free, so each
     large temporary (the DCN's sampled columns, a full-resolution feature map)
     is page-faulted in afresh; on the 2-core VMs we measure on, that costs more
-    than the arithmetic (the deformable conv of ``benchmarks/run.py dcn``: 265
-    ms with glibc's default, 109 ms on the kept heap). Freed blocks are reused
+    than the arithmetic (the deformable conv of ``benchmarks/run.py dcn``, fp32,
+    grid_sample: 350 ms with glibc's default, 229 ms on the kept heap). Freed blocks are reused
     when the next request fits (not always: aligned requests can leave one a
     little short, and the heap grows instead). The process keeps its peak heap
     until it exits, which suits a command that does one job. glibc only;
