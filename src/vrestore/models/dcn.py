@@ -22,6 +22,7 @@ inference where a C++ compiler is found, else ``"grid_sample"``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -97,6 +98,7 @@ def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int,
             and x.dtype in (torch.float32, torch.bfloat16) and _have_compiler())
 
 
+@functools.cache
 def _have_compiler() -> bool:
     return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
 
