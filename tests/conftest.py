@@ -34,16 +34,6 @@ def pyav_encode():
     return _pyav_encode
 
 
-@pytest.fixture(autouse=True)
-def _portable_dcn_sampler(request, monkeypatch):
-    """Tests run the deformable convolution through grid_sample unless marked ``dcn_gather``: the CPU inference
-    default (the gather sampler) compiles once per feature size and dtype, seconds each, which over the suite's
-    many small sizes would cost minutes. The gather sampler's own tests pass ``sampler=`` or clear this;
-    the reference vectors run with both; the demo (the README's first command) keeps the default."""
-    if request.node.get_closest_marker("dcn_gather") is None:
-        monkeypatch.setenv("VRESTORE_DCN_SAMPLER", "grid_sample")
-
-
 REFERENCE = Path(os.environ.get("VRESTORE_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 

@@ -407,8 +407,9 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             pix_fmt: str = typer.Option("yuv420p", help="For raw .yuv."),
             fps: float = typer.Option(25.0, help="For raw .yuv."),
             overwrite: bool = typer.Option(False, help="Replace existing outputs."),
-            compile: bool = typer.Option(False, "--compile", help="torch.compile stage 2: faster per frame after "
-                                         "a one-off compilation per frame size (needs a C++ compiler on CPUs).")
+            compile: bool = typer.Option(False, "--compile", help="torch.compile stage 2 and, on CPUs, stage 1's "
+                                         "deformable-convolution sampling: faster per frame after a one-off "
+                                         "compilation per frame size (needs a C++ compiler on CPUs).")
             ) -> None:
     """Restore a video (or a folder of videos) in one streaming pass."""
     import os
@@ -639,8 +640,8 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           whole: bool = typer.Option(False, help="The straightforward way: whole clip in one tensor."),
           plain: bool = typer.Option(False, help="No channels_last (plain eager layout)."),
           device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
-          compile: bool = typer.Option(False, "--compile", help="torch.compile stage 2, as `restore --compile`; "
-                                       "the compilation happens in the warm-up frames."),
+          compile: bool = typer.Option(False, "--compile", help="torch.compile as `restore --compile` (stage 2, "
+                                       "stage 1's DCN sampling); the compilation happens in the warm-up frames."),
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
     from .infer.bench import bench as run_bench

@@ -81,7 +81,6 @@ def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, sta
     assert res["channels_last"] is not plain  # --plain applies to bundled models too (on the CPU, else channels-last)
 
 
-@pytest.mark.dcn_gather  # the README's first command, as a user runs it
 def test_demo_runs_and_reports(tmp_path):
     r = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output

@@ -34,13 +34,20 @@ def test_tta_is_the_average_of_the_eight_transformed_runs(small_frames, random_m
 
 
 def test_compiled_stage2_matches_eager(small_frames, random_model):
-    """``compile=True`` compiles stage 2 (frozen weights) and restores the same frames."""
+    """``compile=True`` compiles stage 2 (frozen weights) and stage 1's DCN sampling, on copies, and restores the
+    same frames."""
+    from vrestore.models.dcn import ModulatedDeformConv2d
+
     s1 = random_model("basicvsrpp_c16n2_x1")
     s2 = random_model("swinir_e24_color_dn", seed=1)
     clip = torch.from_numpy(small_frames[:3]).permute(0, 3, 1, 2).float() / 255
     eager, comp = _fp32(s1, s2), _fp32(s1, s2, compile=True)
     assert comp.compiled and comp.stage2._compiled_call_impl is not None and "compiled" in comp.engine
     assert not eager.compiled and eager.stage2._compiled_call_impl is None
+
+    def samplers(m):
+        return {x.sampler for x in m.modules() if isinstance(x, ModulatedDeformConv2d)}
+    assert samplers(comp.stage1[0]) == {"auto"} and samplers(eager.stage1[0]) == samplers(s1) == {None}
     torch.testing.assert_close(comp.run_clip(clip), eager.run_clip(clip), atol=1e-4, rtol=0)
 
 

@@ -10,11 +10,10 @@ from vrestore.models import build
 from vrestore.models.basicvsrpp import BasicVSRPlusPlus
 
 
-@pytest.mark.dcn_gather
 @pytest.mark.parametrize("sampler", ["auto", "grid_sample"])
 @pytest.mark.parametrize("name", ["basicvsrpp_c16n2_x4", "basicvsrpp_c16n2_x1"])
 def test_reference_vectors(reference_dir, name, sampler, monkeypatch):
-    """Through both DCN samplers: ``auto`` is the compiled gather one for CPU inference (the default)."""
+    """Through both DCN samplers: ``auto`` is the compiled gather one for CPU inference (``restore --compile``)."""
     monkeypatch.setenv("VRESTORE_DCN_SAMPLER", sampler)
     model = vrestore.load(reference_dir / f"{name}.pth")
     io = np.load(reference_dir / f"{name}_io.npz")

@@ -152,24 +152,35 @@ def test_bf16_paths_are_close_to_fp32():
 
 
 def test_auto_sampler_gathers_for_cpu_inference_only(monkeypatch):
-    """``auto`` compiles the gather sampler for CPU inference; autograd, ONNX export and float64 take grid_sample."""
+    """``auto`` compiles the gather sampler for CPU inference; autograd, ONNX export and float64 take grid_sample,
+    and so does the default (None), unless ``VRESTORE_DCN_SAMPLER`` says otherwise."""
     from vrestore.models import dcn
 
     monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
     x, off, mask, w, b = _dcn_inputs(6)
     args = (x, off, mask, w, b, 2, 4)
     with torch.no_grad():
+        assert dcn._use_gather("auto", *args)
+        assert not dcn._use_gather(None, *args) and not dcn._use_gather("grid_sample", *args)
+        assert not dcn._use_gather("auto", x.double(), off, mask, w, b, 2, 4)
+        monkeypatch.setenv("VRESTORE_DCN_SAMPLER", "auto")
         assert dcn._use_gather(None, *args)
-        assert not dcn._use_gather("grid_sample", *args)
-        assert not dcn._use_gather(None, x.double(), off, mask, w, b, 2, 4)
-        monkeypatch.setenv("VRESTORE_DCN_SAMPLER", "grid_sample")
-        assert not dcn._use_gather(None, *args)
-    monkeypatch.delenv("VRESTORE_DCN_SAMPLER")
-    assert not dcn._use_gather(None, x, off, mask, w.requires_grad_(), b, 2, 4)
+    assert not dcn._use_gather("auto", x, off, mask, w.requires_grad_(), b, 2, 4)
     with pytest.raises(ValueError, match="unknown DCN sampler"):
         dcn._use_gather("bilinear", *args)
     with pytest.raises(ValueError, match="divide deform_groups"):
         dcn._use_gather("gather", x, off, mask, w, b, 4, 2)
+
+
+def test_set_sampler_reaches_every_layer_of_a_model():
+    from vrestore.models import build
+    from vrestore.models.dcn import ModulatedDeformConv2d, set_sampler
+
+    m = build("basicvsrpp_c16n2_x1")
+    assert set_sampler(m, "auto") == 4  # one alignment per propagation branch
+    assert {x.sampler for x in m.modules() if isinstance(x, ModulatedDeformConv2d)} == {"auto"}
+    with pytest.raises(ValueError, match="unknown DCN sampler"):
+        set_sampler(m, "nearest")
 
 
 def test_gather_matches_grid_sample_in_fp32_and_bf16():
@@ -213,11 +224,10 @@ def test_a_failing_compiler_falls_back_to_grid_sample(monkeypatch, caplog):
 
     monkeypatch.setattr(dcn, "_compiled", lambda: broken)
     monkeypatch.setattr(dcn, "_COMPILED_OK", True)
-    monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
     x, off, mask, w, b = _dcn_inputs(9)
     with torch.no_grad():
-        got = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4)
+        got = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4, sampler="auto")
         ref = modulated_deform_conv2d(x, off, mask, w, b, 1, 1, 1, 2, 4, sampler="grid_sample")
     assert torch.allclose(got, ref, atol=1e-5)
     assert "using grid_sample from now on" in caplog.text
-    assert not dcn._COMPILED_OK and not dcn._use_gather(None, x, off, mask, w, b, 2, 4)
+    assert not dcn._COMPILED_OK and not dcn._use_gather("auto", x, off, mask, w, b, 2, 4)

@@ -38,7 +38,6 @@ def _restore_sample(tmp_path, scale: int, restorer: Restorer) -> tuple[np.ndarra
     return gt, baseline, restorer.restore_frames(lq, rep.pqfs)
 
 
-@pytest.mark.dcn_gather  # the default DCN sampler, as restore runs it
 def test_bundled_x4_beats_bicubic_on_the_bundled_sample(tmp_path):
     """Model card: +0.16 dB over bicubic on the held-out clips and the demo clip; here 32 frames of the sample
     (its first 12 are high-quality frames where the gain is near 0; it grows on the low-quality ones)."""
@@ -49,7 +48,6 @@ def test_bundled_x4_beats_bicubic_on_the_bundled_sample(tmp_path):
     assert after > before + 0.05, (before, after)
 
 
-@pytest.mark.dcn_gather  # the default DCN sampler, as restore runs it
 def test_bundled_qe_both_stages_beat_the_compressed_input_on_the_bundled_sample(tmp_path):
     """Model card: stage 1 + stage 2 gain +0.127 dB on the held-out clips and +0.13 dB on the demo clip
     (stage 1 alone is the identity); here the first 32 frames of the sample: +0.129 dB measured (the stage 2

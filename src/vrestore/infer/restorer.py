@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import VrestoreError
+from ..models.dcn import set_sampler
 from . import device as devmod
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ class Restorer:
     overlap by ``tile_overlap`` pixels (0 = never tile). ``backend``: ``torch``,
     ``onnxruntime`` (exported graphs; checkpoints are exported on first use,
     and the chunk is the exported T) or ``auto`` (by file extension).
-    ``compile``: ``torch.compile`` stage 2 (each new frame size first pays the
-    compilation, about 20 s for SwinIR-T on 2 CPU cores).
+    ``compile``: ``torch.compile`` stage 2 and, on the CPU, the sampling of
+    stage 1's deformable convolutions (``models.dcn``, sampler ``auto``); each
+    new frame size first pays the compilation, about 20 s for SwinIR-T on 2
+    CPU cores, a few seconds for the sampling.
     """
 
     def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | None = None, *,
@@ -147,10 +150,18 @@ class Restorer:
         self.stage2 = self._prepare(_as_model(stage2, backend, dev, chunk)) if stage2 is not None else None
         if self.stage2 is not None and getattr(self.stage2, "scale", 1) != 1:
             raise VrestoreError("stage 2 must keep the size (a restoration SwinIR, upscale 1)")
-        self.compiled = compile and isinstance(self.stage2, nn.Module)
-        if self.compiled:
-            # Stage 2 only: the bundled SwinIR-T takes 0.75 s per 854x480 frame compiled against 0.81 eager
-            # (bf16, this project's CPU), while BasicVSR++'s compiled blocks measured slower (0.36 -> 0.43 s).
+        torch_stage1 = [m for m in self.stage1 if isinstance(m, nn.Module)]
+        self.compiled = compile and (bool(torch_stage1) or isinstance(self.stage2, nn.Module))
+        if compile and torch_stage1:
+            # Stage 1: only the deformable convolutions' sampling (BasicVSR++'s compiled blocks measured slower,
+            # 0.36 -> 0.43 s per frame). Copies, so the caller's modules keep the portable default sampler.
+            self.stage1 = [copy.deepcopy(m) if isinstance(m, nn.Module) else m for m in self.stage1]
+            for m in self.stage1:
+                if isinstance(m, nn.Module):
+                    set_sampler(m, "auto")
+        if compile and isinstance(self.stage2, nn.Module):
+            # Stage 2 whole: the bundled SwinIR-T takes 0.75 s per 854x480 frame compiled against 0.81 eager
+            # (bf16, this project's CPU).
             # A copy: the frozen graph holds the weights as they are now, and the caller's module stays eager.
             self.stage2 = copy.deepcopy(self.stage2)
             devmod.compile_units(self.stage2, inference=True)
@@ -161,7 +172,7 @@ class Restorer:
         self.dedup = dedup
         ort = [m for m in [*self.stage1, self.stage2] if m is not None and not isinstance(m, nn.Module)]
         self.engine = (f"onnxruntime {ort[0].session.get_providers()[0]} float32" if ort
-                       else f"torch {self.precision}{', stage 2 compiled' if self.compiled else ''}")
+                       else f"torch {self.precision}{', compiled' if self.compiled else ''}")
 
     def _prepare(self, m):
         if not isinstance(m, nn.Module):  # an ONNX Runtime graph

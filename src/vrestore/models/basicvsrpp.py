@@ -115,7 +115,7 @@ class SecondOrderDeformableAlignment(ModulatedDeformConv2d):
         off1 = off1 + flow_1.flip(1).repeat(1, reps, 1, 1)
         off2 = off2 + flow_2.flip(1).repeat(1, reps, 1, 1)
         return modulated_deform_conv2d(x, torch.cat([off1, off2], dim=1), torch.sigmoid(mask), self.weight,
-                                       self.bias, 1, 1, 1, 1, self.deform_groups)
+                                       self.bias, 1, 1, 1, 1, self.deform_groups, sampler=self.sampler)
 
 
 @dataclass

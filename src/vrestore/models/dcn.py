@@ -16,8 +16,12 @@ sum over channels and kernel points is a 1x1 convolution (oneDNN) over them:
 - ``"grid_sample"``: one ``grid_sample`` call for all kernel points;
   differentiable, runs anywhere, exports to ONNX (GridSample, opset >= 16).
 
-``"auto"`` (the default, or ``VRESTORE_DCN_SAMPLER``) takes ``"gather"`` for CPU
-inference where a C++ compiler is found, else ``"grid_sample"``.
+``"auto"`` takes ``"gather"`` for CPU inference where a C++ compiler is found,
+else ``"grid_sample"``; it is what ``restore --compile`` sets on stage 1's
+layers (``set_sampler``). The default is ``"grid_sample"`` (or
+``VRESTORE_DCN_SAMPLER``): compiling costs seconds per feature size, more than
+a short clip gains (the 48-frame demo: 79 s with grid_sample, 86 s with the
+gather sampler compiled before, 117 s compiling it first).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
                             groups: int = 1, deform_groups: int = 1, sampler: str | None = None) -> torch.Tensor:
     """x (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo); mask (N, dg*kh*kw, Ho, Wo);
     weight (Cout, C/groups, kh, kw) -> (N, Cout, Ho, Wo). ``sampler``: one of
-    ``SAMPLERS`` (None: ``VRESTORE_DCN_SAMPLER``, else ``"auto"``)."""
+    ``SAMPLERS`` (None: ``VRESTORE_DCN_SAMPLER``, else ``"grid_sample"``)."""
     n, c, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     sh, sw = _pair(stride)
@@ -80,7 +84,7 @@ _compiled_gather = None
 
 
 def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int, dg: int) -> bool:
-    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER", "auto")
+    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER", "grid_sample")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown DCN sampler {sampler!r}; expected one of {SAMPLERS}")
     if sampler == "grid_sample":
@@ -243,10 +247,21 @@ class ModulatedDeformConv2d(nn.Module):
         self.kernel_size = (kh, kw)
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.deform_groups = groups, deform_groups
+        self.sampler: str | None = None  # see SAMPLERS; None: the op's default
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+                                       self.dilation, self.groups, self.deform_groups, sampler=self.sampler)
+
+
+def set_sampler(model: nn.Module, sampler: str | None) -> int:
+    """Set the sampler of every deformable convolution in ``model``; returns how many there are."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown DCN sampler {sampler!r}; expected one of {SAMPLERS}")
+    layers = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
+    for m in layers:
+        m.sampler = sampler
+    return len(layers)
