@@ -165,7 +165,7 @@ def _by_gather(x, offset, mask, weight, bias, groups: int, dg: int, geometry) ->
     cl = torch.channels_last
     off = offset.to(pdtype).contiguous(memory_format=cl).reshape(n, dg, k, 2, ho, wo).permute(0, 4, 5, 1, 2, 3)
     m = mask.to(pdtype).contiguous(memory_format=cl).reshape(n, dg, k, ho, wo).permute(0, 3, 4, 1, 2)
-    fn = _gather_columns  # eager: right but slow; autograd runs it so (inductor's backward of the gathers is no gain)
+    fn = _gather_columns  # eager: right but slow; autograd runs it so (a compiled backward was not tried)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, mask))
     if dev.type == "cpu" and not needs_grad and not torch.compiler.is_compiling() and _COMPILED_OK and _have_compiler():
         fn = _compiled()
