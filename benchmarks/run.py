@@ -113,11 +113,14 @@ def _dcn_rows() -> None:
     print(json.dumps(rows))
 
 
-def _stage1_fps(name: str, w: int, h: int, dtype: str, frames: int = 10) -> float:
+def _stage1_fps(name: str, w: int, h: int, dtype: str, sampler: str | None = None, frames: int = 10) -> float:
     from vrestore.infer.restorer import Restorer
     from vrestore.models import build
+    from vrestore.models.dcn import set_sampler
 
-    r = Restorer(build(name), device="cpu", dtype=dtype, chunk=frames, overlap=0)
+    model = build(name)
+    set_sampler(model, sampler)
+    r = Restorer(model, device="cpu", dtype=dtype, chunk=frames, overlap=0)
     clip = torch.rand(frames, 3, h, w)
     r.run_clip(clip[:2])
     t = time.perf_counter()
@@ -131,10 +134,8 @@ def stage1() -> None:
     for name, (w, h) in (("basicvsrpp_c64n7_x1", (960, 536)), ("basicvsrpp_c64n7_x4", (240, 136))):
         for dtype in ("fp32", "bf16"):
             for sampler in ("grid_sample", "gather"):
-                os.environ["VRESTORE_DCN_SAMPLER"] = sampler
                 rows.append({"model": name, "input": f"{w}x{h}", "dtype": dtype, "dcn_sampler": sampler,
-                             "fps": _stage1_fps(name, w, h, dtype)})
-    os.environ.pop("VRESTORE_DCN_SAMPLER")
+                             "fps": _stage1_fps(name, w, h, dtype, sampler)})
     _save("stage1", {"clip_frames": 10, "rows": rows})
 
 

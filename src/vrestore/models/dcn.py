@@ -83,10 +83,14 @@ _COMPILED_OK = True  # cleared when inductor fails once (no headers, broken tool
 _compiled_gather = None
 
 
-def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int, dg: int) -> bool:
-    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER", "grid_sample")
+def _check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown DCN sampler {sampler!r}; expected one of {SAMPLERS}")
+
+
+def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int, dg: int) -> bool:
+    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER", "grid_sample")
+    _check_sampler(sampler)
     if sampler == "grid_sample":
         return False
     if dg % groups:  # columns are deform-group-major: a conv group must span whole deform groups
@@ -96,10 +100,18 @@ def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int,
     if sampler == "gather":
         return True
     tensors = [x, offset, mask, weight] + ([] if bias is None else [bias])
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
-    return (x.device.type == "cpu" and not needs_grad and not exporting and _COMPILED_OK
-            and x.dtype in (torch.float32, torch.bfloat16) and _have_compiler())
+    return _can_compile(x, tensors) and not exporting and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def _can_compile(x: torch.Tensor, tensors) -> bool:
+    """Whether inductor may build the gather loop here: CPU, no gradient wanted from ``tensors``, a compiler."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return x.device.type == "cpu" and not needs_grad and _COMPILED_OK and _have_compiler()
+
+
+def _cpu_autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 @functools.cache
@@ -150,8 +162,7 @@ def _by_gather(x, offset, mask, weight, bias, groups: int, dg: int, geometry) ->
     kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = geometry
     n, c, h, w = x.shape
     cout, cg, k = weight.shape[0], c // dg, kh * kw
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    dtype = torch.bfloat16 if autocast_bf16 and x.device.type == "cpu" else x.dtype
+    dtype = torch.bfloat16 if _cpu_autocast_bf16() and x.device.type == "cpu" else x.dtype
     pdtype = torch.promote_types(dtype, torch.float32)  # positions need more than bf16's 8 bits
     table = x.new_zeros(n, h + 3, w + 3, dg, cg, dtype=dtype)
     table[:, 1:h + 1, 1:w + 1] = x.reshape(n, dg, cg, h, w).permute(0, 3, 4, 1, 2)
@@ -165,10 +176,9 @@ def _by_gather(x, offset, mask, weight, bias, groups: int, dg: int, geometry) ->
     cl = torch.channels_last
     off = offset.to(pdtype).contiguous(memory_format=cl).reshape(n, dg, k, 2, ho, wo).permute(0, 4, 5, 1, 2, 3)
     m = mask.to(pdtype).contiguous(memory_format=cl).reshape(n, dg, k, ho, wo).permute(0, 3, 4, 1, 2)
-    fn = _gather_columns  # eager: right but slow; autograd runs it so (a compiled backward was not tried)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, mask))
-    if dev.type == "cpu" and not needs_grad and not torch.compiler.is_compiling() and _COMPILED_OK and _have_compiler():
-        fn = _compiled()
+    # Eagerly (right but slow) under autograd, where a compiled backward was not tried, and inside an outer
+    # torch.compile, which compiles it with the rest.
+    fn = _compiled() if _can_compile(x, (x, offset, mask)) and not torch.compiler.is_compiling() else _gather_columns
     cols = fn(table.view(-1, cg), off, m, base_y, base_x, h, w)
     cols = cols.view(n, ho, wo, dg * k * cg).permute(0, 3, 1, 2)  # channels-last: oneDNN's 1x1 conv reads it as is
     # weight (cout, C/groups = (dg/groups, cg), k) in the columns' order (dg/groups, k, cg)
@@ -224,8 +234,7 @@ def _by_grid_sample(x, offset, mask, weight, bias, groups: int, dg: int, geometr
     cols = sampled.view(n, c * k, ho, wo).to(dtype)
     wmat = weight.reshape(cout, cin_g * k, 1, 1).to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if cols.device.type == "cpu" and (cols.dtype == torch.bfloat16 or autocast_bf16):
+    if cols.device.type == "cpu" and (cols.dtype == torch.bfloat16 or _cpu_autocast_bf16()):
         # bf16: a matmul (oneDNN) over the columns beats a 1x1 convolution, which reorders them first.
         cols = cols.to(torch.bfloat16).reshape(n, groups, cin_g * k, ho * wo)
         out = torch.matmul(wmat.to(torch.bfloat16).reshape(1, groups, cout // groups, cin_g * k), cols)
@@ -259,8 +268,8 @@ class ModulatedDeformConv2d(nn.Module):
 
 def set_sampler(model: nn.Module, sampler: str | None) -> int:
     """Set the sampler of every deformable convolution in ``model``; returns how many there are."""
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"unknown DCN sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler is not None:
+        _check_sampler(sampler)
     layers = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
     for m in layers:
         m.sampler = sampler
