@@ -200,6 +200,7 @@ class Trainer:
         self.optim: torch.optim.Optimizer | None = None
         self.metrics_path = self.out / "metrics.jsonl"
         self._datasets: dict[str, Any] = {}
+        self._progress = None  # run()'s progress bar, for long work before the first step (stage-1 caches)
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists():
             self._load_checkpoint(last)
@@ -333,11 +334,15 @@ class Trainer:
         r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
         arrays: dict[str, np.ndarray] = {"made_from": np.array(made_from),
                                          "names": np.array([c.name for c in clips.clips])}
-        for k, c in enumerate(clips.clips):
-            n = int(limit or len(c.lq))
+        counts = [min(int(limit or len(c.lq)), len(c.lq)) for c in clips.clips]
+        pb = self._progress  # minutes of stage-1 inference on a CPU before the first step: show it
+        task = pb.add_task(f"stage-1 outputs -> {cache.name}", total=sum(counts)) if pb is not None else None
+        for k, (c, n) in enumerate(zip(clips.clips, counts, strict=True)):
             arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
             arrays[f"gt_{k}"] = c.gt[:n]
             log.info("stage-1 cache: %s (%d frames)", c.name, n)
+            if task is not None:
+                pb.advance(task, n)
         tmp = cache.with_name(f".{name}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, cache)
@@ -442,6 +447,7 @@ class Trainer:
     def run(self, progress=None) -> Path:
         from ..models import save
 
+        self._progress = progress
         steps = list(self.cfg.steps)
         if self.state["global_iter"] == 0 and self.rank == 0 and self.cfg.get("val", {}).get("at_start", False):
             self._log({"iter": 0, "val_psnr": self.validate(), "sec": 0.0})  # where the curve starts
