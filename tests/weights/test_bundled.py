@@ -49,10 +49,10 @@ def test_bundled_x4_beats_bicubic_on_the_bundled_sample(tmp_path):
 
 
 def test_bundled_qe_both_stages_beat_the_compressed_input_on_the_bundled_sample(tmp_path):
-    """Model card: stage 1 + stage 2 gain +0.127 dB on the held-out clips and +0.13 dB on the demo clip
-    (stage 1 alone is the identity); here the first 32 frames of the sample: +0.129 dB measured (the stage 2
-    bundled before gave +0.029, which this bar rejects)."""
+    """Model card: stage 1 + stage 2 gain +0.192 dB on the held-out clips and +0.17 dB on the demo clip
+    (stage 1 alone is the identity); here the first 32 frames of the sample: +0.164 dB measured (the stage 2
+    bundled before it gave +0.129, and the one before that +0.029, which this bar rejects)."""
     gt, lq, out = _restore_sample(tmp_path, 1, Restorer(bundled_path("qe"), bundled_path("qe:stage2"), chunk=32))
     before = metrics.score_video(gt, lq, "input").summary()["psnr_rgb"]
     after = metrics.score_video(gt, out, "qe").summary()["psnr_rgb"]
-    assert after > before + 0.08, (before, after)
+    assert after > before + 0.145, (before, after)
