@@ -375,36 +375,6 @@ def train() -> None:
                     "rows": rows})
 
 
-def train_convs() -> None:
-    """Why the small stage-1 recipe trains only about 1.5x faster with bf16: a 3x3
-    conv's forward and backward at the shape its recurrent blocks run frame by
-    frame (8 windows x 32 channels x 16x16 features: 64 px patches at 1/4 size)
-    against the same conv on 5 frames at once and on a 256 px patch's features.
-    The speed-up over fp32 grows with the work per call (kept heap)."""
-    rows = []
-    for label, shape in (("per frame, 64 px patches (the recipe)", (8, 32, 16, 16)),
-                         ("5 frames at once", (40, 32, 16, 16)), ("per frame, 256 px patches", (8, 32, 64, 64))):
-        ms = {}
-        for dtype, cl in (("fp32", False), ("fp32", True), ("bf16", True)):
-            conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1)
-            x = torch.randn(*shape)
-            if cl:
-                conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-            x.requires_grad_()
-
-            def step(conv=conv, x=x, dtype=dtype) -> None:
-                with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
-                    y = conv(x)
-                y.float().sum().backward()
-
-            ms[f"{dtype}{'_cl' if cl else ''}"] = _timeit(step, repeat=30, warmup=5) * 1e3
-        rows.append({"features": label, "shape": "x".join(map(str, shape)), "fp32_ms": ms["fp32"],
-                     "fp32_cl_ms": ms["fp32_cl"], "bf16_cl_ms": ms["bf16_cl"],
-                     "bf16_speedup": ms["fp32"] / ms["bf16_cl"]})
-    _save("train_convs", {"what": "3x3 conv, 32 -> 32 channels, forward + backward, minimum of 30",
-                          "amx": bool(torch.cpu._is_amx_tile_supported()), "rows": rows})
-
-
 TRAIN_ITERS, TRAIN_SKIP = 10, 2
 TRAIN_RECIPES = {"stage1": HERE.parent / "configs" / "qe_basicvsrpp_c32n4_pqf_cpu.yaml",
                  "stage2": HERE.parent / "configs" / "qe_swinir_t_stage2_cpu_identity.yaml"}
@@ -432,6 +402,34 @@ def _train_row(tmp: str, dtype: str, channels_last: str, compile: str, stage: st
     print(json.dumps({"dtype": dtype, "heap": "kept" if kept else "system", "channels_last": cl, "compile": comp,
                       "it_per_s": 1 / float(np.mean(secs[TRAIN_SKIP:])),
                       "sec_per_it": float(np.mean(secs[TRAIN_SKIP:])), "first_iters_s": float(sum(secs[:TRAIN_SKIP]))}))
+
+
+def train_convs() -> None:
+    """Why the small stage-1 recipe trains only about 1.5x faster with bf16: a 3x3
+    conv's forward and backward at the shape its recurrent blocks run frame by
+    frame (8 windows x 32 channels x 16x16 features: 64 px patches at 1/4 size)
+    against the same conv on 5 frames at once and on a 256 px patch's features.
+    The speed-up over fp32 grows with the work per call (kept heap)."""
+    rows = []
+    for label, shape in (("per frame, 64 px patches (the recipe)", (8, 32, 16, 16)),
+                         ("5 frames at once", (40, 32, 16, 16)), ("per frame, 256 px patches", (8, 32, 64, 64))):
+        row = {"features": label, "shape": "x".join(map(str, shape))}
+        for key, dtype, cl in (("fp32_ms", "fp32", False), ("fp32_cl_ms", "fp32", True), ("bf16_cl_ms", "bf16", True)):
+            conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1)
+            x = torch.randn(*shape)
+            if cl:
+                conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+            x.requires_grad_()
+
+            def step(conv=conv, x=x, dtype=dtype) -> None:
+                with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+                    y = conv(x)
+                y.float().sum().backward()
+
+            row[key] = _timeit(step, repeat=30, warmup=5) * 1e3
+        rows.append(row | {"bf16_speedup": row["fp32_ms"] / row["bf16_cl_ms"]})
+    _save("train_convs", {"what": "3x3 conv, 32 -> 32 channels, forward + backward, minimum of 30",
+                          "amx": bool(torch.cpu._is_amx_tile_supported()), "rows": rows})
 
 
 def report() -> None:

@@ -126,6 +126,18 @@ def _disable_compiled(err: Exception) -> None:
                 "(set VRESTORE_DCN_SAMPLER=grid_sample to skip the attempt)", type(err).__name__, str(err)[:200])
 
 
+def _undeformed_positions(geometry, dev: torch.device, dtype: torch.dtype):
+    """Where the kernel samples before its offsets, for both samplers: the first kernel point's row of each
+    output row (Ho,) and column of each output column (Wo,), and each kernel point's (dy, dx) from it, (k,)
+    each, row-major."""
+    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = geometry
+    ys = torch.arange(ho, device=dev, dtype=dtype) * sh - ph
+    xs = torch.arange(wo, device=dev, dtype=dtype) * sw - pw
+    ky = (torch.arange(kh, device=dev, dtype=dtype) * dh).repeat_interleave(kw)
+    kx = (torch.arange(kw, device=dev, dtype=dtype) * dw).repeat(kh)
+    return ys, xs, ky, kx
+
+
 # ----------------------------------------------------------------------------- gather
 
 def _gather_columns(table: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, base_y: torch.Tensor,
@@ -159,18 +171,15 @@ def _gather_columns(table: torch.Tensor, offset: torch.Tensor, mask: torch.Tenso
 
 
 def _by_gather(x, offset, mask, weight, bias, groups: int, dg: int, geometry) -> torch.Tensor:
-    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = geometry
+    kh, kw, ho, wo = geometry[0], geometry[1], geometry[-2], geometry[-1]
     n, c, h, w = x.shape
     cout, cg, k = weight.shape[0], c // dg, kh * kw
     dtype = torch.bfloat16 if _cpu_autocast_bf16() and x.device.type == "cpu" else x.dtype
     pdtype = torch.promote_types(dtype, torch.float32)  # positions need more than bf16's 8 bits
     table = x.new_zeros(n, h + 3, w + 3, dg, cg, dtype=dtype)
     table[:, 1:h + 1, 1:w + 1] = x.reshape(n, dg, cg, h, w).permute(0, 3, 4, 1, 2)
-    dev = x.device
-    ky = (torch.arange(kh, device=dev) * dh).repeat_interleave(kw).to(pdtype)
-    kx = (torch.arange(kw, device=dev) * dw).repeat(kh).to(pdtype)
-    base_y = (torch.arange(ho, device=dev) * sh - ph).to(pdtype).view(ho, 1, 1, 1) + ky
-    base_x = (torch.arange(wo, device=dev) * sw - pw).to(pdtype).view(wo, 1, 1) + kx
+    ys, xs, ky, kx = _undeformed_positions(geometry, x.device, pdtype)
+    base_y, base_x = ys.view(ho, 1, 1, 1) + ky, xs.view(wo, 1, 1) + kx
     # Pixel-major offsets and mask, as the loop reads them (the CPU model's already are; a copy costs less
     # than strided reads of planar ones).
     cl = torch.channels_last
@@ -199,7 +208,7 @@ def _compiled():
 # ----------------------------------------------------------------------------- grid_sample
 
 def _by_grid_sample(x, offset, mask, weight, bias, groups: int, dg: int, geometry) -> torch.Tensor:
-    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = geometry
+    kh, kw, ho, wo = geometry[0], geometry[1], geometry[-2], geometry[-1]
     n, c, h, w = x.shape
     cout, cin_g, k = weight.shape[0], weight.shape[1], kh * kw
     dtype = x.dtype
@@ -207,11 +216,7 @@ def _by_grid_sample(x, offset, mask, weight, bias, groups: int, dg: int, geometr
     # Sampling positions normalised for grid_sample (align_corners=True: -1 is pixel 0, +1 pixel size-1):
     # base position of every kernel point at every output pixel, (k, Ho, Wo), plus the scaled offset.
     fy, fx = 2.0 / max(h - 1, 1), 2.0 / max(w - 1, 1)
-    dev = x.device
-    ys = torch.arange(ho, device=dev, dtype=sdtype) * sh - ph
-    xs = torch.arange(wo, device=dev, dtype=sdtype) * sw - pw
-    ky = (torch.arange(kh, device=dev, dtype=sdtype) * dh).repeat_interleave(kw)
-    kx = (torch.arange(kw, device=dev, dtype=sdtype) * dw).repeat(kh)
+    ys, xs, ky, kx = _undeformed_positions(geometry, x.device, sdtype)
     base_y = (ky.reshape(k, 1, 1) + ys.reshape(1, ho, 1)) * fy - 1.0
     base_x = (kx.reshape(k, 1, 1) + xs.reshape(1, 1, wo)) * fx - 1.0
     # Planar offsets and mask (the CPU model's are channels-last): the passes below then read them in order.
