@@ -63,10 +63,11 @@ def handled(fn):
     return wrapper
 
 
-def progress_bar() -> Progress:
+def progress_bar(to: Console | None = None) -> Progress:
+    """The bar of every long command. Its ``rate`` column needs ``rate=""`` in each ``add_task``."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
+                    console=to or console)
 
 
 def _raw_spec(size: str | None, pix_fmt: str, fps: float):

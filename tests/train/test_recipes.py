@@ -64,10 +64,16 @@ def test_stage2_transfer_recipe_runs_end_to_end(tmp_path, tiny_pairs, random_mod
         "optim": {"lr": 5e-4, "ema": 0.5}, "checkpoint_every": 3,
         "steps": [{"name": "denoise_pretrain", "iters": 3, "data": "noisy_stills"},
                   {"name": "finetune", "iters": 3, "data": "stage1_cache", "loss": "mse"}]})
-    from rich.progress import Progress
+    import io
 
-    with Progress(disable=True) as pb:  # tasks are tracked all the same
+    from rich.console import Console
+
+    from vrestore.cli import progress_bar
+
+    shown = io.StringIO()  # the command's own bar, drawn: each task must carry the fields its columns show
+    with progress_bar(Console(file=shown, force_terminal=True, width=160)) as pb:
         final = Trainer(cfg).run(pb)
+    assert "stage-1 outputs -> stage1_cache.npz" in shown.getvalue()
     # the stage-1 passes (minutes on a CPU, before the first step) show on the progress bar, all frames counted
     cached = {t.description: (t.completed, t.total) for t in pb.tasks if t.description.startswith("stage-1")}
     assert cached == {"stage-1 outputs -> stage1_val_cache.npz": (4, 4), "stage-1 outputs -> stage1_cache.npz": (6, 6)}

@@ -336,7 +336,7 @@ class Trainer:
                                          "names": np.array([c.name for c in clips.clips])}
         counts = [min(int(limit or len(c.lq)), len(c.lq)) for c in clips.clips]
         pb = self._progress  # minutes of stage-1 inference on a CPU before the first step: show it
-        task = pb.add_task(f"stage-1 outputs -> {cache.name}", total=sum(counts)) if pb is not None else None
+        task = pb.add_task(f"stage-1 outputs -> {cache.name}", total=sum(counts), rate="") if pb is not None else None
         for k, (c, n) in enumerate(zip(clips.clips, counts, strict=True)):
             arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
             arrays[f"gt_{k}"] = c.gt[:n]
