@@ -73,13 +73,13 @@ def test_stage2_transfer_recipe_runs_end_to_end(tmp_path, tiny_pairs, random_mod
     shown = io.StringIO()  # the command's own bar, drawn: each task must carry the fields its columns show
     with progress_bar(Console(file=shown, force_terminal=True, width=160)) as pb:
         final = Trainer(cfg).run(pb)
-    assert "stage-1 outputs -> stage1_cache.npz" in shown.getvalue()
+    assert "stage-1 outputs -> stage1_cache" in shown.getvalue()
     # the stage-1 passes (minutes on a CPU, before the first step) show on the progress bar, all frames counted
     cached = {t.description: (t.completed, t.total) for t in pb.tasks if t.description.startswith("stage-1")}
-    assert cached == {"stage-1 outputs -> stage1_val_cache.npz": (4, 4), "stage-1 outputs -> stage1_cache.npz": (6, 6)}
+    assert cached == {"stage-1 outputs -> stage1_val_cache": (4, 4), "stage-1 outputs -> stage1_cache": (6, 6)}
     run = tmp_path / "run"
     assert (run / "checkpoints" / "denoise_pretrain.safetensors").exists()
-    assert (run / "stage1_cache.npz").exists() and (run / "stage1_val_cache.npz").exists()
+    assert (run / "stage1_cache" / "index.json").exists() and (run / "stage1_val_cache" / "index.json").exists()
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_psnr"] for r in recs if "val_psnr" in r]
     assert recs[0]["iter"] == 0 and len(val) == 3
@@ -88,8 +88,9 @@ def test_stage2_transfer_recipe_runs_end_to_end(tmp_path, tiny_pairs, random_mod
 
     from vrestore.metrics import psnr
 
-    cache = np.load(run / "stage1_val_cache.npz")
-    ref = np.mean([psnr(a, b) for a, b in zip(cache["input_0"], cache["gt_0"], strict=True)])
+    cache = run / "stage1_val_cache"
+    pairs = zip(np.load(cache / "input_0.npy"), np.load(cache / "gt_0.npy"), strict=True)
+    ref = np.mean([psnr(a, b) for a, b in pairs])
     assert val[0] == pytest.approx(ref, abs=1e-6)
     assert load(final).arch_name == "swinir"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -111,26 +112,32 @@ def test_a_stage1_cache_is_rebuilt_when_its_stage1_model_or_clips_change(tmp_pat
         "data": {"train": str(tiny_pairs), "stage1": str(stage1), "cache_frames": 3, "patch": 32, "batch": 2},
         "steps": [{"iters": 1, "data": "stage1_cache"}]})
     trainer = Trainer(cfg)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / "stage1_cache.npz").write_bytes(b"x")  # the single-file cache of earlier versions: replaced
+    (run / ".stage1_cache.tmp-1").mkdir()  # a build killed part-way: cleared
     cache = trainer._stage1_cache(str(tiny_pairs), "stage1_cache")
-    first = np.load(cache)["input_0"]
-    stamp = cache.stat().st_mtime_ns
-    assert trainer._stage1_cache(str(tiny_pairs), "stage1_cache").stat().st_mtime_ns == stamp  # reused
+    assert not (run / "stage1_cache.npz").exists() and not list(run.glob(".stage1_cache.tmp-*"))
+    first = np.load(cache / "input_0.npy")
+    stamp = (cache / "index.json").stat().st_mtime_ns
+    assert (trainer._stage1_cache(str(tiny_pairs), "stage1_cache") / "index.json").stat().st_mtime_ns == stamp
     other = random_model("basicvsrpp_c16n2_x1")
     with torch.no_grad():
         other.conv_last.bias.fill_(0.1)  # a visibly different stage 1
     save(other, stage1)
-    again = np.load(trainer._stage1_cache(str(tiny_pairs), "stage1_cache"))["input_0"]
+    again = np.load(trainer._stage1_cache(str(tiny_pairs), "stage1_cache") / "input_0.npy")
     assert first.shape == again.shape and np.abs(first.astype(int) - again.astype(int)).mean() > 5
     trainer.cfg.data.cache_frames = 2
     cache = trainer._stage1_cache(str(tiny_pairs), "stage1_cache")
-    assert len(np.load(cache)["input_0"]) == 2
+    assert len(np.load(cache / "input_0.npy")) == 2
     # a step's subset picks cached clips by name, as it picks clips for stage 1
     from vrestore.data.pairs import FramePairs
 
-    names = [str(v) for v in np.load(cache)["names"]]
+    names = json.loads((cache / "index.json").read_text())["names"]
     assert names == [c for c in json.loads((tiny_pairs / "meta.json").read_text())["clips"]]
     one = FramePairs(cache, 32, subset=[names[-1][:3] + "*"])
-    assert len(one.inp) == 1 and (one.gt[0] == np.load(cache)[f"gt_{len(names) - 1}"]).all()
+    assert isinstance(one.inp[0], np.memmap)  # read from disk as needed, not held in memory
+    assert len(one.inp) == 1 and (one.gt[0] == np.load(cache / f"gt_{len(names) - 1}.npy")).all()
     with pytest.raises(VrestoreError, match="matches none"):
         FramePairs(cache, 32, subset=["no_such_clip*"])
 

@@ -4,12 +4,17 @@ stage-1 outputs for stage 2.
 
 Samples are drawn from a generator seeded by (seed, iteration), so a resumed
 run sees exactly the batches it would have seen without the interruption.
-Frames are decoded once, up front, into memory (uint8).
+Frames are decoded once into uint8 ``.npy`` files beside the data set
+(``FRAME_STORE``) and memory-mapped, so a data set larger than RAM trains
+from the page cache and every process and step shares one copy.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -19,6 +24,13 @@ import torch
 
 from ..errors import VrestoreError
 
+log = logging.getLogger(__name__)
+
+#: folder, inside a prepared data set, of its decoded frames (one .npy per video)
+FRAME_STORE = ".frames"
+#: index file of a stage-1 output cache folder: what it was made from and its clips' names
+CACHE_INDEX = "index.json"
+
 
 def _read_all(path: Path) -> np.ndarray:
     from ..video.io import VideoReader
@@ -27,6 +39,42 @@ def _read_all(path: Path) -> np.ndarray:
     if not frames:
         raise VrestoreError(f"{path}: no frames")
     return np.stack(frames)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``path`` whole or not at all (a killed run leaves no half file)."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def decoded_frames(root: Path, rel: str) -> np.ndarray:
+    """All frames of the video ``root / rel`` as (T, H, W, 3) uint8, decoded
+    once into ``root / FRAME_STORE`` and memory-mapped read-only. The file
+    name carries the video's size and modification time, so a re-prepared
+    video is decoded again (and its stale copy removed). In memory, with a
+    warning, where the data set's folder is not writable."""
+    src = root / rel
+    st = src.stat()
+    stem = rel.replace("/", "__").replace("\\", "__")
+    store = root / FRAME_STORE
+    npy = store / f"{stem}.{st.st_size}-{st.st_mtime_ns}.npy"
+    if npy.exists():
+        return np.load(npy, mmap_mode="r")
+    frames = _read_all(src)
+    try:
+        store.mkdir(exist_ok=True)
+        for stale in store.glob(f"{stem}.*.npy"):  # this video as it was before (not another rank's copy)
+            if stale != npy and re.fullmatch(rf"{re.escape(stem)}\.\d+-\d+\.npy", stale.name):
+                stale.unlink(missing_ok=True)
+        save_npy(npy, frames)
+    except OSError as e:
+        log.warning("%s: cannot store decoded frames (%s); holding them in memory", store, e)
+        return frames
+    return np.load(npy, mmap_mode="r")
 
 
 @dataclass
@@ -55,7 +103,7 @@ def augment(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarr
 
 def to_tensor(a: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]."""
-    t = torch.from_numpy(a).float().div_(255.0)
+    t = torch.from_numpy(a if a.flags.writeable else np.array(a)).float().div_(255.0)
     return t.movedim(-1, -3)
 
 
@@ -87,7 +135,7 @@ class PairedClips:
         for name, c in sorted(meta["clips"].items()):
             if not in_subset(name, subset):
                 continue
-            lq, gt = _read_all(root / c["lq"]), _read_all(root / c["gt"])
+            lq, gt = decoded_frames(root, c["lq"]), decoded_frames(root, c["gt"])
             if max_frames:
                 lq, gt = lq[:max_frames], gt[:max_frames]
             n = min(len(lq), len(gt))
@@ -159,19 +207,20 @@ class NoisyStills:
 
 
 class FramePairs:
-    """Stage-2 fine-tuning: (stage-1 output, GT) frames, cached in a .npz."""
+    """Stage-2 fine-tuning: (stage-1 output, GT) frames from a cache folder
+    (``input_K.npy``, ``gt_K.npy`` per clip K, and ``CACHE_INDEX``), memory-mapped."""
 
     def __init__(self, cache: str | Path, patch: int, subset: list[str] | None = None):
-        d = np.load(cache)
-        n = len([k for k in d.files if k.startswith("input_")])
-        keep = list(range(n))
+        cache = Path(cache)
+        names = json.loads((cache / CACHE_INDEX).read_text())["names"]
+        keep = list(range(len(names)))
         if subset:  # clip-name patterns, as PairedClips takes them (the three-step recipe's last step)
-            names = [str(v) for v in d["names"]]
             keep = [k for k in keep if in_subset(names[k], subset)]
             if not keep:
                 raise VrestoreError(f"{cache}: subset {subset} matches none of its clips {names}")
-        self.inp = [d[f"input_{k}"] for k in keep]
-        self.gt = [d[f"gt_{k}"] for k in keep]
+        self.names = [names[k] for k in keep]
+        self.inp = [np.load(cache / f"input_{k}.npy", mmap_mode="r") for k in keep]
+        self.gt = [np.load(cache / f"gt_{k}.npy", mmap_mode="r") for k in keep]
         self.index = [(k, t) for k, clip in enumerate(self.inp) for t in range(len(clip))]
         self.patch = patch
 

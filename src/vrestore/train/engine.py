@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -123,6 +124,22 @@ def ema_warmup(decay: float, updates: int) -> float:
     iterations (a short pre-training step saved a nearly random network);
     with the warm-up the average follows the model early and settles later."""
     return min(decay, (1 + updates) / (10 + updates))
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on the file ``lock`` (where the OS has ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock (torchrun training runs on Linux)
+        yield
+        return
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def stage1_cache_key(stage1: str, root: str, clips: list[str], frames: int | None) -> str:
@@ -316,37 +333,53 @@ class Trainer:
 
     def _stage1_cache(self, root: str, name: str, frames: int | None = None) -> Path:
         """Run the stage-1 model once over the clips of ``root`` and cache
-        (output, GT) frames: stage 2 fine-tunes and validates on them."""
-        from ..data.pairs import PairedClips, read_meta
-        from ..infer.restorer import Restorer
+        (output, GT) frames in the folder ``name``, one .npy per clip written as
+        it is restored (memory-mapped when read, like the data set's frames):
+        stage 2 fine-tunes and validates on them."""
+        from ..data.pairs import CACHE_INDEX, read_meta
 
         d = self.cfg.data
-        cache = self.out / f"{name}.npz"
-        limit = frames or d.get("cache_frames")
+        cache = self.out / name
         # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
+        limit = frames or d.get("cache_frames")
         made_from = stage1_cache_key(d.stage1, root, sorted(read_meta(Path(root))["clips"]), limit)
-        if cache.exists():
-            with np.load(cache) as old:
-                if "made_from" in old.files and str(old["made_from"]) == made_from:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.out / f".{name}.lock"):  # torchrun ranks on one machine: one builds, the others reuse
+            if (cache / CACHE_INDEX).exists():
+                if json.loads((cache / CACHE_INDEX).read_text()).get("made_from") == made_from:
                     return cache
-            log.info("stage-1 cache %s was made from other clips or another stage-1 model: rebuilding", cache)
+                log.info("stage-1 cache %s was made from other clips or another stage-1 model: rebuilding", cache)
+            (self.out / f"{name}.npz").unlink(missing_ok=True)  # the single-file form of earlier versions
+            for old in self.out.glob(f".{name}.tmp-*"):  # left by a killed build
+                shutil.rmtree(old, ignore_errors=True)
+            tmp = self.out / f".{name}.tmp-{os.getpid()}"
+            tmp.mkdir()
+            names = self._write_stage1_outputs(root, tmp, limit, name)
+            # the index last: a folder without it is incomplete and is rebuilt
+            (tmp / CACHE_INDEX).write_text(json.dumps({"made_from": made_from, "names": names}))
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
+        return cache
+
+    def _write_stage1_outputs(self, root: str, out: Path, limit: int | None, name: str) -> list[str]:
+        """Restore (the first ``limit`` frames of) each clip of ``root`` with the
+        stage-1 model into ``out``, clip by clip; the clips' names."""
+        from ..data.pairs import PairedClips, save_npy
+        from ..infer.restorer import Restorer
+
         clips = PairedClips(root, 2, 2, dedup=False)
-        r = Restorer(d.stage1, device=str(self.precision.device), dtype="auto", chunk=int(d.get("chunk", 30)))
-        arrays: dict[str, np.ndarray] = {"made_from": np.array(made_from),
-                                         "names": np.array([c.name for c in clips.clips])}
+        r = Restorer(self.cfg.data.stage1, device=str(self.precision.device), dtype="auto",
+                     chunk=int(self.cfg.data.get("chunk", 30)))
         counts = [min(int(limit or len(c.lq)), len(c.lq)) for c in clips.clips]
         pb = self._progress  # minutes of stage-1 inference on a CPU before the first step: show it
-        task = pb.add_task(f"stage-1 outputs -> {cache.name}", total=sum(counts), rate="") if pb is not None else None
+        task = pb.add_task(f"stage-1 outputs -> {name}", total=sum(counts), rate="") if pb is not None else None
         for k, (c, n) in enumerate(zip(clips.clips, counts, strict=True)):
-            arrays[f"input_{k}"] = r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n))
-            arrays[f"gt_{k}"] = c.gt[:n]
+            save_npy(out / f"input_{k}.npy", r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n)))
+            save_npy(out / f"gt_{k}.npy", np.asarray(c.gt[:n]))
             log.info("stage-1 cache: %s (%d frames)", c.name, n)
             if task is not None:
                 pb.advance(task, n)
-        tmp = cache.with_name(f".{name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache)
-        return cache
+        return [c.name for c in clips.clips]
 
     # -- checkpoints -------------------------------------------------------
     def save_checkpoint(self, name: str = "last.pt") -> Path:
@@ -416,8 +449,8 @@ class Trainer:
         if "val" not in self._datasets:
             if not is_video and self.cfg.data.get("stage1"):  # stage 2 is judged on what stage 1 hands it
                 cache = FramePairs(self._stage1_cache(v.data, "stage1_val_cache", max_frames), patch=0)
-                pairs = enumerate(zip(cache.inp, cache.gt, strict=True))
-                self._datasets["val"] = [(str(k), x, y, []) for k, (x, y) in pairs]
+                clips = zip(cache.names, cache.inp, cache.gt, strict=True)
+                self._datasets["val"] = [(n, x, y, []) for n, x, y in clips]
             else:
                 self._datasets["val"] = PairedClips(v.data, 2, 2).validation_clips(max_frames)
         scores = []
