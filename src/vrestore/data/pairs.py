@@ -67,7 +67,7 @@ def decoded_frames(root: Path, rel: str) -> np.ndarray:
     frames = _read_all(src)
     try:
         store.mkdir(exist_ok=True)
-        for stale in store.glob(f"{stem}.*.npy"):  # this video as it was before (not another rank's copy)
+        for stale in store.iterdir():  # this video as it was before (not another rank's current copy)
             if stale != npy and re.fullmatch(rf"{re.escape(stem)}\.\d+-\d+\.npy", stale.name):
                 stale.unlink(missing_ok=True)
         save_npy(npy, frames)

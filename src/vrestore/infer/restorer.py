@@ -306,8 +306,7 @@ class Restorer:
             self.stats["unique_frames"] += 1
             if unique_pqfs is not None and orig_idx in pqf_set:
                 unique_pqfs.append(start + len(buf))
-            buf.append(torch.from_numpy(np.array(f) if not f.flags.writeable else np.ascontiguousarray(f))
-                       .permute(2, 0, 1).float() / 255.0)  # read-only: memory-mapped training frames
+            buf.append(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255.0)
             recent.append(buf[-1])
             if len(buf) >= self.chunk:
                 run(final=False)

@@ -339,14 +339,14 @@ class Trainer:
         from ..data.pairs import CACHE_INDEX, read_meta
 
         d = self.cfg.data
-        cache = self.out / name
-        # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
+        cache, index = self.out / name, self.out / name / CACHE_INDEX
         limit = frames or d.get("cache_frames")
+        # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
         made_from = stage1_cache_key(d.stage1, root, sorted(read_meta(Path(root))["clips"]), limit)
         self.out.mkdir(parents=True, exist_ok=True)
         with _exclusive(self.out / f".{name}.lock"):  # torchrun ranks on one machine: one builds, the others reuse
-            if (cache / CACHE_INDEX).exists():
-                if json.loads((cache / CACHE_INDEX).read_text()).get("made_from") == made_from:
+            if index.exists():
+                if json.loads(index.read_text()).get("made_from") == made_from:
                     return cache
                 log.info("stage-1 cache %s was made from other clips or another stage-1 model: rebuilding", cache)
             (self.out / f"{name}.npz").unlink(missing_ok=True)  # the single-file form of earlier versions
@@ -374,8 +374,9 @@ class Trainer:
         pb = self._progress  # minutes of stage-1 inference on a CPU before the first step: show it
         task = pb.add_task(f"stage-1 outputs -> {name}", total=sum(counts), rate="") if pb is not None else None
         for k, (c, n) in enumerate(zip(clips.clips, counts, strict=True)):
-            save_npy(out / f"input_{k}.npy", r.restore_frames(c.lq[:n], sorted(p for p in c.pqfs if p < n)))
-            save_npy(out / f"gt_{k}.npy", np.asarray(c.gt[:n]))
+            # a writable copy of the clip: the restorer hands frames to torch.from_numpy
+            save_npy(out / f"input_{k}.npy", r.restore_frames(np.array(c.lq[:n]), sorted(p for p in c.pqfs if p < n)))
+            save_npy(out / f"gt_{k}.npy", c.gt[:n])
             log.info("stage-1 cache: %s (%d frames)", c.name, n)
             if task is not None:
                 pb.advance(task, n)
