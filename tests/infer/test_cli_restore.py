@@ -21,7 +21,7 @@ def _model(tmp_path):
 
 
 def test_restore_folder_reports_failures_and_resumes(tmp_path, small_frames):
-    src = tmp_path / "in"
+    src = tmp_path / ("in_" + "x" * 80)  # a failure's line names the file whole, however long its path
     src.mkdir()
     for name in ("a", "b"):
         with VideoWriter(src / f"{name}.mp4", codec="x264") as w:
@@ -33,7 +33,8 @@ def test_restore_folder_reports_failures_and_resumes(tmp_path, small_frames):
     args = ["restore", str(src), "-o", str(out), "--model", str(model), "--codec", "ffv1", "--dtype", "fp32"]
     r = runner.invoke(app, args)
     assert r.exit_code == 1, r.output
-    assert "2 restored" in r.output and "c_corrupt.mp4" in r.output
+    assert "2 restored" in r.output
+    assert any(ln.startswith(f"failed {src / 'c_corrupt.mp4'}: ") for ln in r.output.splitlines()), r.output
     assert sorted(p.name for p in out.iterdir()) == ["a.mkv", "b.mkv"]
     assert sum(1 for _ in VideoReader(out / "a.mkv")) == 5
     before = (out / "a.mkv").stat().st_mtime_ns
