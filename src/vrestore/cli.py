@@ -484,12 +484,15 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
 def convert(src: Path = typer.Argument(..., help="Published checkpoint (.pth) or a vrestore .safetensors file."),
             output: Path = typer.Option(..., "-o", "--output", help="vrestore .safetensors file."),
             half: bool = typer.Option(False, "--half", help="Store the weights as float16 (half the size, as bundled "
-                                      "models are; loading casts them back to the model's float32).")) -> None:
+                                      "models are; loading casts them back to the model's float32)."),
+            overwrite: bool = typer.Option(False, help="Replace an existing output.")) -> None:
     """Write a published BasicVSR++/SwinIR checkpoint (or a vrestore one) as a vrestore safetensors file."""
     from .models import load, save
 
     if output.resolve() == src.resolve():
         raise VrestoreError(f"{output}: the output would replace its own source; choose another path")
+    if output.exists() and not overwrite:  # a checkpoint (a bundled model's, say) is not replaced by accident
+        raise VrestoreError(f"{output}: exists (use --overwrite to replace it)")
     m = load(src)
     own = ("vrestore_arch", "vrestore_config", "format")  # save() writes these from the model
     meta = {k: v for k, v in getattr(m, "vrestore_meta", {}).items() if k not in own}

@@ -83,3 +83,11 @@ def test_convert_half_keeps_metadata_and_output(tmp_path):
         assert (h(x) - m(x)).abs().max() < 5e-3
     r = CliRunner().invoke(app, ["convert", str(src), "-o", str(src), "--half"])
     assert r.exit_code != 0 and "its own source" in r.output
+    stamp = dst.stat().st_mtime_ns
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(dst)])  # an existing output is kept ...
+    assert r.exit_code == 2 and "--overwrite" in r.output and dst.stat().st_mtime_ns == stamp
+    r = CliRunner().invoke(app, ["convert", str(src), "-o", str(dst), "--overwrite"])  # ... unless asked
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float32 for t in load_file(dst).values())  # the float16 file was replaced
