@@ -70,6 +70,12 @@ def progress_bar(to: Console | None = None) -> Progress:
                     console=to or console)
 
 
+def _refuse_existing(output: Path, overwrite: bool) -> None:
+    """A single output file (a checkpoint, an ONNX graph) is never replaced by accident."""
+    if output.exists() and not overwrite:
+        raise VrestoreError(f"{output}: exists (use --overwrite to replace it)")
+
+
 def _raw_spec(size: str | None, pix_fmt: str, fps: float):
     from .video.io import RawSpec
 
@@ -491,8 +497,7 @@ def convert(src: Path = typer.Argument(..., help="Published checkpoint (.pth) or
 
     if output.resolve() == src.resolve():
         raise VrestoreError(f"{output}: the output would replace its own source; choose another path")
-    if output.exists() and not overwrite:  # a checkpoint (a bundled model's, say) is not replaced by accident
-        raise VrestoreError(f"{output}: exists (use --overwrite to replace it)")
+    _refuse_existing(output, overwrite)
     m = load(src)
     own = ("vrestore_arch", "vrestore_config", "format")  # save() writes these from the model
     meta = {k: v for k, v in getattr(m, "vrestore_meta", {}).items() if k not in own}
@@ -520,8 +525,7 @@ def export(model: str = typer.Argument(..., help="Bundled name (qe, qe:stage2, .
         raise VrestoreError(f"unknown export format {fmt!r} (supported: onnx)")
     if opset < 16:
         raise VrestoreError(f"opset {opset} lacks GridSample, which deformable convolution needs; use >= 16")
-    if output.exists() and not overwrite:
-        raise VrestoreError(f"{output}: exists (use --overwrite to replace it)")
+    _refuse_existing(output, overwrite)
     with console.status(f"exporting {model} ..."):
         meta = export_onnx(model, output, frames=frames, opset=opset)
     role = meta["vrestore_role"]

@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import vrestore
 from vrestore.errors import VrestoreError
@@ -88,6 +89,4 @@ def test_convert_half_keeps_metadata_and_output(tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.output and dst.stat().st_mtime_ns == stamp
     r = CliRunner().invoke(app, ["convert", str(src), "-o", str(dst), "--overwrite"])  # ... unless asked
     assert r.exit_code == 0, r.output
-    from safetensors.torch import load_file
-
     assert all(t.dtype == torch.float32 for t in load_file(dst).values())  # the float16 file was replaced
