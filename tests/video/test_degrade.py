@@ -6,7 +6,7 @@ import torch
 
 from vrestore.errors import VrestoreError
 from vrestore.metrics import psnr
-from vrestore.video.degrade import degrade_video, detect_pqfs, ldp_frame_qp, prepare_dataset
+from vrestore.video.degrade import ctu_size, degrade_video, detect_pqfs, ldp_frame_qp, prepare_dataset
 from vrestore.video.io import VideoReader, probe
 
 
@@ -75,6 +75,18 @@ def test_prepare_is_reproducible_and_resumable(tmp_path, small_clean):
         prepare_dataset(small_clean, out, task="x4")
 
 
+def test_small_pictures_degrade_the_same_every_time(tmp_path, small_clean):
+    # x4 of the 128x128 clip is 32x32: with x265's 64 px CTUs most encodes of it
+    # gave a different bitstream, in one process as across processes.
+    outs = set()
+    for i in range(4):
+        degrade_video(small_clean, tmp_path / f"lq{i}.mp4", scale=4)
+        outs.add((tmp_path / f"lq{i}.mp4").read_bytes())
+    assert len(outs) == 1
+    assert [ctu_size(*s) for s in ((1280, 720), (320, 64), (80, 65), (64, 64), (48, 33), (32, 96))] == \
+        [64, 32, 64, 32, 32, 16]
+
+
 def test_degrade_bad_input(tmp_path, small_clean):
     with pytest.raises(VrestoreError, match="input file"):
         degrade_video(small_clean, small_clean, overwrite=True)
@@ -88,6 +100,14 @@ def test_degrade_bad_input(tmp_path, small_clean):
     with pytest.raises(VrestoreError, match="too small"):
         degrade_video(tiny, tmp_path / "y.mp4", scale=4)
     assert not (tmp_path / "y.mp4").exists()
+    # Below 16 px x265 refuses to open (an opaque FFmpeg error before): a clear refusal instead.
+    with VideoWriter(tiny, codec="ffv1", overwrite=True) as w:
+        w.write(np.zeros((12, 40, 3), np.uint8))
+    with pytest.raises(VrestoreError, match=r"too small for x1 \(needs >= 16x16\)"):
+        degrade_video(tiny, tmp_path / "y.mp4")
+    with VideoWriter(tiny, codec="ffv1", overwrite=True) as w:
+        w.write(np.zeros((16, 16, 3), np.uint8))
+    assert degrade_video(tiny, tmp_path / "y.mp4").width == 16
     assert probe(small_clean).num_frames == 20
 
 

@@ -5,7 +5,10 @@ per-frame QPs computed the way HM's ``encoder_lowdelay_P_main.cfg`` does (GOP
 of 4, QP offsets 5/4/5/1 plus the QP-offset model, clipped to [0, 3]), so
 frames 0, 4, 8, ... are the peak-quality frames (PQFs). Downscaling for the
 SR tracks uses FFmpeg's bicubic scaler (swscale) on the 4:2:0 planes, after
-cropping to multiples of 16 (x2) or 64 (x4), as the challenge did.
+cropping to multiples of 16 (x2) or 64 (x4), as the challenge did. Pictures
+with a side of 64 px or less are coded with 32 or 16 px coding-tree units
+(``ctu_size``): with HM's 64 px, x265's output for them changes from run to
+run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .io import VideoReader, _fill_plane, _plane, packet_sizes, temp_path_for
 HM_LDP_GOP = ((5, -6.5, 0.2590), (4, -6.5, 0.2590), (5, -6.5, 0.2590), (1, 0.0, 0.0))
 PQF_PERIOD = 4
 CROP_MULTIPLE = {1: 1, 2: 16, 4: 64}
+MIN_SIDE = 16  # the smallest picture side x265 encodes (its smallest coding-tree unit)
 
 
 def ldp_frame_qp(index: int, qp: int) -> int:
@@ -70,6 +74,17 @@ def detect_pqfs(sizes: list[int], period: int = PQF_PERIOD, min_ratio: float = 1
     if best is None or best_ratio < min_ratio:
         return None
     return [0] + [i for i in range(1, n) if i % period == best]
+
+
+def ctu_size(width: int, height: int) -> int:
+    """HM's 64 px coding-tree units, smaller where a side is 64 px or less:
+    x265 codes such pictures differently from run to run with 64 px CTUs
+    (measured: a 128x128 crop of bikes at x4, 32x32, gave a new bitstream
+    on most encodes; 64x64 and 64x80 crops of carphone the same; a 32 px
+    side with 32 px CTUs too), and with CTUs below the side length it does
+    not (ten encodes each, one bitstream)."""
+    side = min(width, height)
+    return 64 if side > 64 else 32 if side > 32 else MIN_SIDE
 
 
 def _zones(num_frames: int, qp: int) -> str:
@@ -143,7 +158,8 @@ class LDPEncoder:
         st = self.oc.add_stream("libx265", rate=fps)
         st.width, st.height, st.pix_fmt = width, height, "yuv420p"
         params = (f"qp={qp}:ipratio=1:bframes=0:keyint=-1:min-keyint=1:scenecut=0:open-gop=0:rc-lookahead=0:"
-                  f"b-adapt=0:aq-mode=0:cutree=0:frame-threads=1:log-level=error:zones={_zones(num_frames, qp)}")
+                  f"b-adapt=0:aq-mode=0:cutree=0:frame-threads=1:ctu={ctu_size(width, height)}:log-level=error:"
+                  f"zones={_zones(num_frames, qp)}")
         st.options = {"x265-params": params}
         tb = time_base or 1 / Fraction(fps)
         st.codec_context.time_base = tb
@@ -224,8 +240,9 @@ def degrade_video(src: str | os.PathLike, dst: str | os.PathLike, *, qp: int = 3
     m = CROP_MULTIPLE[scale]
     w, h = info.width // m * m, info.height // m * m
     w, h = w - w % 2, h - h % 2
-    if w < 2 * scale or h < 2 * scale:
-        raise VrestoreError(f"{src}: {info.width}x{info.height} is too small for x{scale} (needs >= {m}x{m})")
+    need = max(MIN_SIDE * scale, m)  # x265 codes nothing below one 16 px coding-tree unit
+    if w < need or h < need:
+        raise VrestoreError(f"{src}: {info.width}x{info.height} is too small for x{scale} (needs >= {need}x{need})")
     lw, lh = w // scale, h // scale
     if lw % 2 or lh % 2:
         raise VrestoreError(f"{src}: cropped size {w}x{h} / {scale} is odd; cannot encode 4:2:0")
@@ -262,7 +279,8 @@ def degrade_video(src: str | os.PathLike, dst: str | os.PathLike, *, qp: int = 3
     return DegradeReport(str(src), str(dst), count, lw, lh, scale, qp, pqf_indices(count),
                          [ldp_frame_qp(i, qp) for i in range(count)], sizes,
                          str(gt_dst) if gt_dst else None,
-                         {"gt_width": w, "gt_height": h, "colour": asdict(colour), "fps": str(info.fps)})
+                         {"gt_width": w, "gt_height": h, "ctu": ctu_size(lw, lh), "colour": asdict(colour),
+                          "fps": str(info.fps)})
 
 
 class _LosslessYUVWriter:
