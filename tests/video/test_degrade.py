@@ -83,6 +83,16 @@ def test_small_pictures_degrade_the_same_every_time(tmp_path, small_clean):
         degrade_video(small_clean, tmp_path / f"lq{i}.mp4", scale=4)
         outs.add((tmp_path / f"lq{i}.mp4").read_bytes())
     assert len(outs) == 1
+    # A pair prepared before the fix (no "ctu" in its meta: x265's 64) is redone on the next run.
+    out = tmp_path / "x4set"
+    clip = prepare_dataset(small_clean, out, task="x4", max_frames=8)["clips"]["bikes_small"]
+    assert clip["ctu"] == 16 and clip["lq_size"] == [32, 32]
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["clips"]["bikes_small"]["ctu"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    before = (out / clip["lq"]).stat().st_mtime_ns
+    assert prepare_dataset(small_clean, out, task="x4", max_frames=8)["clips"]["bikes_small"]["ctu"] == 16
+    assert (out / clip["lq"]).stat().st_mtime_ns != before
     assert [ctu_size(*s) for s in ((1280, 720), (320, 64), (80, 65), (64, 64), (48, 33), (32, 96))] == \
         [64, 32, 64, 32, 32, 16]
 

@@ -330,7 +330,8 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
                     progress: Callable[[str, int, int | None], None] | None = None) -> dict:
     """Turn clean videos into training pairs: ``out/gt/NAME.mkv`` (lossless
     GT), ``out/lq/NAME.mp4`` (LDV-compressed), and ``out/meta.json`` with the
-    PQF list and sizes of each pair. Re-running skips finished pairs."""
+    PQF list and sizes of each pair. Re-running skips finished pairs (and
+    redoes those compressed under an earlier protocol)."""
     scale = {"qe": 1, "x2": 2, "x4": 4}.get(task)
     if scale is None:
         raise VrestoreError(f"unknown task {task!r}; use qe, x2 or x4")
@@ -351,7 +352,11 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
     for v in videos:
         name = v.stem
         gt, lq = out / "gt" / f"{name}.mkv", out / "lq" / f"{name}.mp4"
-        if name in clips and gt.exists() and lq.exists() and not overwrite:
+        done = clips.get(name)
+        # A pair compressed before small pictures got smaller coding-tree units
+        # (no "ctu" recorded: x265's 64) is redone, so a set holds one protocol.
+        if done and gt.exists() and lq.exists() and not overwrite and \
+                done.get("ctu", 64) == ctu_size(*done["lq_size"]):
             continue
         cb = (lambda i, n, _name=name: progress(_name, i, n)) if progress else None
         rep = degrade_video(v, lq, qp=qp, scale=scale, gt_dst=gt, max_frames=max_frames, overwrite=True,
@@ -359,7 +364,7 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
         clips[name] = {"gt": str(gt.relative_to(out)), "lq": str(lq.relative_to(out)),
                        "num_frames": rep.num_frames, "lq_size": [rep.width, rep.height],
                        "gt_size": [rep.extra["gt_width"], rep.extra["gt_height"]], "pqfs": rep.pqfs,
-                       "source": str(v)}
+                       "ctu": rep.extra["ctu"], "source": str(v)}
         tmp = meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, meta_path)
