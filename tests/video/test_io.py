@@ -220,3 +220,16 @@ def test_narrow_x265_frames_do_not_corrupt_the_heap(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-500:]
     assert len(list(VideoReader(tmp_path / "n.mp4"))) == 4
+
+
+def test_small_x265_outputs_are_the_same_every_time(tmp_path, small_clean):
+    """With x265's 64 px units a 32x32 or 64x64 output came out as a new file on most writes."""
+    frames = [f.rgb for f in VideoReader(small_clean, max_frames=12)]
+    for size in (32, 64):
+        outs = set()
+        for _ in range(3):
+            with VideoWriter(tmp_path / "s.mp4", codec="x265", overwrite=True) as w:
+                for f in frames:
+                    w.write(np.ascontiguousarray(f[:size, :size]))
+            outs.add((tmp_path / "s.mp4").read_bytes())
+        assert len(outs) == 1, size

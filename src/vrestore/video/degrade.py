@@ -26,13 +26,12 @@ import numpy as np
 
 from ..errors import VrestoreError
 from .colour import ColourInfo
-from .io import VideoReader, _fill_plane, _plane, packet_sizes, temp_path_for
+from .io import MIN_SIDE, VideoReader, _fill_plane, _plane, ctu_size, packet_sizes, temp_path_for
 
 #: HM low-delay P GOP: (QPOffset, QPOffsetModelOffset, QPOffsetModelScale) for POC 1..4 of each GOP.
 HM_LDP_GOP = ((5, -6.5, 0.2590), (4, -6.5, 0.2590), (5, -6.5, 0.2590), (1, 0.0, 0.0))
 PQF_PERIOD = 4
 CROP_MULTIPLE = {1: 1, 2: 16, 4: 64}
-MIN_SIDE = 16  # the smallest picture side x265 encodes (its smallest coding-tree unit)
 
 
 def ldp_frame_qp(index: int, qp: int) -> int:
@@ -74,17 +73,6 @@ def detect_pqfs(sizes: list[int], period: int = PQF_PERIOD, min_ratio: float = 1
     if best is None or best_ratio < min_ratio:
         return None
     return [0] + [i for i in range(1, n) if i % period == best]
-
-
-def ctu_size(width: int, height: int) -> int:
-    """HM's 64 px coding-tree units, smaller where a side is 64 px or less:
-    x265 codes such pictures differently from run to run with 64 px CTUs
-    (measured: a 128x128 crop of bikes at x4, 32x32, gave a new bitstream
-    on most encodes; 64x64 and 64x80 crops of carphone the same; a 32 px
-    side with 32 px CTUs too), and with CTUs below the side length it does
-    not (ten encodes each, one bitstream)."""
-    side = min(width, height)
-    return 64 if side > 64 else 32 if side > 32 else MIN_SIDE
 
 
 def _zones(num_frames: int, qp: int) -> str:

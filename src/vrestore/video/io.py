@@ -350,6 +350,20 @@ def _fill_plane(plane, arr: np.ndarray) -> None:
     plane.update(np.ascontiguousarray(arr).tobytes())
 
 
+MIN_SIDE = 16  # the smallest picture side x265 encodes (its smallest coding-tree unit)
+
+
+def ctu_size(width: int, height: int) -> int:
+    """HM's 64 px coding-tree units, smaller where a side is 64 px or less:
+    x265 codes such pictures differently from run to run with 64 px CTUs
+    (measured: a 128x128 crop of bikes at x4, 32x32, gave a new bitstream
+    on most encodes; 64x64 and 64x80 crops of carphone the same; a 32 px
+    side with 32 px CTUs too), and with CTUs below the side length it does
+    not (ten encodes each, one bitstream)."""
+    side = min(width, height)
+    return 64 if side > 64 else 32 if side > 32 else MIN_SIDE
+
+
 def temp_path_for(path: Path) -> Path:
     """Hidden sibling name used while a file is written; keeps the extension
     so the muxer is chosen from it."""
@@ -422,11 +436,15 @@ class VideoWriter:
             if self.codec == "x265":
                 opts["x265-params"] = "log-level=error"
         opts.update(self.encoder_options)
-        if self.codec == "x265" and w < 64:
-            # libx265 (as bundled with PyAV) corrupts the heap in its CU-tree
-            # pass for frames narrower than 49 px (measured with glibc's malloc
-            # checks); without CU-tree it is clean.
-            opts["x265-params"] = ":".join(filter(None, [opts.get("x265-params", ""), "cutree=0"]))
+        if self.codec == "x265":
+            given = opts.get("x265-params", "")
+            # Small pictures: x265 codes them differently from run to run with
+            # its 64 px units (``ctu_size``); and it corrupts the heap in its
+            # CU-tree pass for frames narrower than 49 px (measured with glibc's
+            # malloc checks); without CU-tree it is clean.
+            extra = [] if "ctu=" in given or min(w, h) < MIN_SIDE else [f"ctu={ctu_size(w, h)}"]
+            extra += ["cutree=0"] if w < 64 else []
+            opts["x265-params"] = ":".join(filter(None, [given, *extra]))
         st.options = opts
         st.codec_context.time_base = self.time_base
         st.time_base = self.time_base
