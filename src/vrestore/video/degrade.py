@@ -145,8 +145,9 @@ class LDPEncoder:
         self.oc = av.open(str(self.tmp), "w")
         st = self.oc.add_stream("libx265", rate=fps)
         st.width, st.height, st.pix_fmt = width, height, "yuv420p"
+        self.ctu = ctu_size(width, height)
         params = (f"qp={qp}:ipratio=1:bframes=0:keyint=-1:min-keyint=1:scenecut=0:open-gop=0:rc-lookahead=0:"
-                  f"b-adapt=0:aq-mode=0:cutree=0:frame-threads=1:ctu={ctu_size(width, height)}:log-level=error:"
+                  f"b-adapt=0:aq-mode=0:cutree=0:frame-threads=1:ctu={self.ctu}:log-level=error:"
                   f"zones={_zones(num_frames, qp)}")
         st.options = {"x265-params": params}
         tb = time_base or 1 / Fraction(fps)
@@ -267,7 +268,7 @@ def degrade_video(src: str | os.PathLike, dst: str | os.PathLike, *, qp: int = 3
     return DegradeReport(str(src), str(dst), count, lw, lh, scale, qp, pqf_indices(count),
                          [ldp_frame_qp(i, qp) for i in range(count)], sizes,
                          str(gt_dst) if gt_dst else None,
-                         {"gt_width": w, "gt_height": h, "ctu": ctu_size(lw, lh), "colour": asdict(colour),
+                         {"gt_width": w, "gt_height": h, "ctu": enc.ctu, "colour": asdict(colour),
                           "fps": str(info.fps)})
 
 
