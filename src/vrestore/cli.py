@@ -126,7 +126,8 @@ def prepare(src: Path = typer.Argument(..., help="A clean video or a folder of t
             task: str = typer.Option("qe", help="qe, x2 or x4."),
             qp: int = typer.Option(37),
             max_frames: int = typer.Option(None, help="Only the first N frames of each video."),
-            overwrite: bool = typer.Option(False, help="Redo pairs that already exist.")) -> None:
+            overwrite: bool = typer.Option(False, help="Redo pairs that already exist."),
+            jobs: int = typer.Option(1, min=1, help="Videos degraded at once (worker processes).")) -> None:
     """Build a paired data set (lossless GT, LDV-compressed LQ, PQF lists, meta.json)."""
     from .video.degrade import prepare_dataset
 
@@ -139,7 +140,7 @@ def prepare(src: Path = typer.Argument(..., help="A clean video or a folder of t
             pb.update(tasks[name], completed=i, total=n)
 
         meta = prepare_dataset(src, output, task=task, qp=qp, max_frames=max_frames, overwrite=overwrite,
-                               progress=cb)
+                               progress=cb, jobs=jobs)
     out.print(f"{output}: {len(meta['clips'])} pairs ({task}, QP {qp}); see {output / 'meta.json'}")
 
 

@@ -75,6 +75,24 @@ def test_prepare_is_reproducible_and_resumable(tmp_path, small_clean):
         prepare_dataset(small_clean, out, task="x4")
 
 
+def test_prepare_in_parallel_gives_the_same_pairs(tmp_path, small_clean):
+    src = tmp_path / "clean"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / f"{name}.mkv").symlink_to(small_clean)
+    calls = []
+    serial = prepare_dataset(src, tmp_path / "serial", task="x2", max_frames=6)
+    parallel = prepare_dataset(src, tmp_path / "parallel", task="x2", max_frames=6, jobs=3,
+                               progress=lambda *a: calls.append(a))
+    assert serial["clips"] == parallel["clips"] and sorted(parallel["clips"]) == ["a", "b", "c"]
+    assert calls[-1] == ("videos", 3, 3)
+    for clip in parallel["clips"].values():  # the GT's Matroska header holds a random id: compare its frames
+        assert (tmp_path / "parallel" / clip["lq"]).read_bytes() == (tmp_path / "serial" / clip["lq"]).read_bytes()
+        gts = [np.stack([f.rgb for f in VideoReader(tmp_path / d / clip["gt"])]) for d in ("serial", "parallel")]
+        assert np.array_equal(*gts) and len(gts[0]) == 6
+    assert json.loads((tmp_path / "parallel" / "meta.json").read_text())["clips"] == parallel["clips"]
+
+
 def test_small_pictures_degrade_the_same_every_time(tmp_path, small_clean):
     # x4 of the 128x128 clip is 32x32: with x265's 64 px CTUs most encodes of it
     # gave a different bitstream, in one process as across processes.

@@ -316,11 +316,14 @@ def list_videos(folder: Path) -> list[Path]:
 
 def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str = "qe", qp: int = 37,
                     max_frames: int | None = None, overwrite: bool = False,
-                    progress: Callable[[str, int, int | None], None] | None = None) -> dict:
+                    progress: Callable[[str, int, int | None], None] | None = None, jobs: int = 1) -> dict:
     """Turn clean videos into training pairs: ``out/gt/NAME.mkv`` (lossless
     GT), ``out/lq/NAME.mp4`` (LDV-compressed), and ``out/meta.json`` with the
     PQF list and sizes of each pair. Re-running skips finished pairs (and
-    redoes those compressed under an earlier protocol)."""
+    redoes those compressed under an earlier protocol). ``jobs`` > 1 degrades
+    that many videos at once in worker processes (x265 keeps few cores busy on
+    small pictures); the pairs are the same bytes either way, and ``progress``
+    then counts finished videos (name ``"videos"``) rather than frames."""
     scale = {"qe": 1, "x2": 2, "x4": 4}.get(task)
     if scale is None:
         raise VrestoreError(f"unknown task {task!r}; use qe, x2 or x4")
@@ -338,24 +341,39 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
         raise VrestoreError(f"{out}: holds a {meta.get('task')} QP{meta.get('qp')} set; use another folder")
     meta.update({"task": task, "scale": scale, "qp": qp, "protocol": "LDV2 x265 LDP"})
     clips = meta.setdefault("clips", {})
+    todo = []
     for v in videos:
-        name = v.stem
-        gt, lq = out / "gt" / f"{name}.mkv", out / "lq" / f"{name}.mp4"
-        done = clips.get(name)
+        done = clips.get(v.stem)
         # A pair compressed before small pictures got smaller coding-tree units
         # (no "ctu" recorded: x265's 64) is redone, so a set holds one protocol.
-        if done and gt.exists() and lq.exists() and not overwrite and \
+        if done and (out / done["gt"]).exists() and (out / done["lq"]).exists() and not overwrite and \
                 done.get("ctu", 64) == ctu_size(*done["lq_size"]):
             continue
-        cb = (lambda i, n, _name=name: progress(_name, i, n)) if progress else None
-        rep = degrade_video(v, lq, qp=qp, scale=scale, gt_dst=gt, max_frames=max_frames, overwrite=True,
-                            progress=cb)
-        clips[name] = {"gt": str(gt.relative_to(out)), "lq": str(lq.relative_to(out)),
-                       "num_frames": rep.num_frames, "lq_size": [rep.width, rep.height],
-                       "gt_size": [rep.extra["gt_width"], rep.extra["gt_height"]], "pqfs": rep.pqfs,
-                       "ctu": rep.extra["ctu"], "source": str(v)}
+        todo.append((v, out / "gt" / f"{v.stem}.mkv", out / "lq" / f"{v.stem}.mp4"))
+
+    def record(v: Path, gt: Path, lq: Path, rep: DegradeReport) -> None:
+        """Add a finished pair to meta.json at once: an interrupted run keeps it."""
+        clips[v.stem] = {"gt": str(gt.relative_to(out)), "lq": str(lq.relative_to(out)),
+                         "num_frames": rep.num_frames, "lq_size": [rep.width, rep.height],
+                         "gt_size": [rep.extra["gt_width"], rep.extra["gt_height"]], "pqfs": rep.pqfs,
+                         "ctu": rep.extra["ctu"], "source": str(v)}
         tmp = meta_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, meta_path)
+
+    kw = {"qp": qp, "scale": scale, "max_frames": max_frames, "overwrite": True}
+    if jobs > 1 and len(todo) > 1:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(jobs, len(todo))) as pool:
+            futures = {pool.submit(degrade_video, v, lq, gt_dst=gt, **kw): (v, gt, lq) for v, gt, lq in todo}
+            for i, fut in enumerate(as_completed(futures), 1):
+                record(*futures[fut], fut.result())
+                if progress:
+                    progress("videos", i, len(todo))
+        return meta
+    for v, gt, lq in todo:
+        cb = (lambda i, n, _name=v.stem: progress(_name, i, n)) if progress else None
+        record(v, gt, lq, degrade_video(v, lq, gt_dst=gt, progress=cb, **kw))
     return meta
 
