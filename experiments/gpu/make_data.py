@@ -26,6 +26,16 @@ from vrestore.video.degrade import prepare_dataset
 TRAIN_PHOTOS = tuple(p for p in PHOTOS if p not in VALIDATION_PHOTOS)
 
 
+def _one_thread() -> None:
+    """Worker start: one thread each. Sixteen processes each running torch's
+    default of one thread per core oversubscribe the machine (without this,
+    the first GPU session's data build and probes took over 8 of its 9
+    minutes; the split between them was not logged)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _sources(job: tuple[str, tuple[str, ...], tuple[str, ...], int]) -> int:
     folder, photos, clips, variants = job
     return len(write_clean_sources(Path(folder), photos=photos, clips=clips, variants=variants))
@@ -44,7 +54,7 @@ def main() -> None:
     train, val = a.root / "clean_train8", a.root / "clean_val"
     jobs = [(str(train), (p,), (), 8) for p in TRAIN_PHOTOS] + [(str(train), (), ("bikes",), 0)]
     jobs += [(str(val), (p,), (), 0) for p in VALIDATION_PHOTOS]
-    with ProcessPoolExecutor(a.jobs) as pool:
+    with ProcessPoolExecutor(a.jobs, initializer=_one_thread) as pool:
         n = sum(pool.map(_sources, jobs))
     print(f"clean sources: {n} videos, {time.perf_counter() - t0:.0f} s", flush=True)
     sets = [(train, "qe_train8", "qe"), (val, "qe_val", "qe"), (train, "x4_train8", "x4"), (val, "x4_val", "x4")]
@@ -56,7 +66,7 @@ def main() -> None:
         root = a.root / name
         for clip in json.loads((root / "meta.json").read_text())["clips"].values():
             decode += [(str(root), clip["gt"]), (str(root), clip["lq"])]
-    with ProcessPoolExecutor(a.jobs) as pool:
+    with ProcessPoolExecutor(a.jobs, initializer=_one_thread) as pool:
         frames = sum(pool.map(_decode, decode, chunksize=4))
     print(f"decoded {len(decode)} videos ({frames} frames), {time.perf_counter() - t0:.0f} s", flush=True)
 
