@@ -11,6 +11,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py onnx       # onnxruntime (CPU) vs torch fp32 and bf16, per stage, 960x536
     python benchmarks/run.py load       # 20 clips, 2 concurrent `restore` processes on one folder: checked
     python benchmarks/run.py train      # training it/s, small QE recipes: bf16, channels-last, compile vs fp32
+    python benchmarks/run.py gpu        # the bundled models on a CUDA GPU: frames/s, peak GPU memory
     python benchmarks/run.py report     # rewrite RESULTS.md
 
 Run on an otherwise idle machine; each measurement states its precision,
@@ -227,6 +228,27 @@ def speed() -> None:
     naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000", "--plain"], malloc="system")
     ours = _subprocess([*args, "--dtype", "auto"])
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
+
+
+def gpu() -> None:
+    """The bundled models on a CUDA GPU (bf16 autocast, as ``restore --device cuda`` runs them):
+    steady-state frames/s and peak GPU memory of the default pipeline."""
+    from vrestore.infer.bench import bench
+    from vrestore.infer.restorer import Restorer
+    from vrestore.weights import bundled_path
+
+    if not torch.cuda.is_available():
+        sys.exit("gpu: no CUDA GPU on this machine")
+    rows = []
+    for model, with_stage2, (w, h) in (("qe", True, (854, 480)), ("qe", False, (854, 480)),
+                                       ("qe", True, (1920, 1080)), ("x4", False, (480, 270))):
+        r = Restorer(bundled_path(model), bundled_path(f"{model}:stage2") if with_stage2 else None, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        res = bench(r, w, h, 64, warmup=8)
+        rows.append({"model": model, "stage2": with_stage2, "input": f"{w}x{h}", "frames": res["frames"],
+                     "seconds": res["seconds"], "fps": res["fps"], "precision": res["precision"],
+                     "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20})
+    _save("gpu", {"rows": rows, "gpu": torch.cuda.get_device_name()})
 
 
 def onnx() -> None:
@@ -465,8 +487,9 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "memory": memory, "speed": speed, "swin1080": swin1080,
-           "chunks": chunks, "onnx": onnx, "load": load, "train": train, "train_convs": train_convs,
+           "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load, "train": train, "train_convs": train_convs,
            "report": report}
-    for name in (list(fns)[:-1] if what == "all" else [what]):
+    everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
+    for name in (everything if what == "all" else [what]):
         fns[name]()
     report()
