@@ -28,9 +28,10 @@ TRAIN_PHOTOS = tuple(p for p in PHOTOS if p not in VALIDATION_PHOTOS)
 
 def _one_thread() -> None:
     """Worker start: one thread each. Sixteen processes each running torch's
-    default of one thread per core oversubscribe the machine (without this,
-    the first GPU session's data build and probes took over 8 of its 9
-    minutes; the split between them was not logged)."""
+    default of one thread per core oversubscribe the machine. With that
+    default, the first GPU session's data build and probes took over 8 of its
+    9 minutes (not broken down: its log was lost); whether one thread per
+    worker is the whole remedy is for the next GPU session to measure."""
     import torch
 
     torch.set_num_threads(1)

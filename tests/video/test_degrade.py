@@ -91,6 +91,12 @@ def test_prepare_in_parallel_gives_the_same_pairs(tmp_path, small_clean):
         gts = [np.stack([f.rgb for f in VideoReader(tmp_path / d / clip["gt"])]) for d in ("serial", "parallel")]
         assert np.array_equal(*gts) and len(gts[0]) == 6
     assert json.loads((tmp_path / "parallel" / "meta.json").read_text())["clips"] == parallel["clips"]
+    # a broken video stops a parallel run with its own error; the finished pairs stay recorded
+    (src / "broken.mkv").write_bytes(b"not a video")
+    (src / "d.mkv").symlink_to(small_clean)
+    with pytest.raises(VrestoreError, match="broken"):
+        prepare_dataset(src, tmp_path / "parallel", task="x2", max_frames=6, jobs=2)
+    assert {"a", "b", "c"} <= set(json.loads((tmp_path / "parallel" / "meta.json").read_text())["clips"])
 
 
 def test_small_pictures_degrade_the_same_every_time(tmp_path, small_clean):

@@ -322,8 +322,10 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
     PQF list and sizes of each pair. Re-running skips finished pairs (and
     redoes those compressed under an earlier protocol). ``jobs`` > 1 degrades
     that many videos at once in worker processes (x265 keeps few cores busy on
-    small pictures); the pairs are the same bytes either way, and ``progress``
-    then counts finished videos (name ``"videos"``) rather than frames."""
+    small pictures); the pairs are the same either way (LQ bytes, GT frames),
+    and ``progress`` then counts finished videos (name ``"videos"``) rather
+    than frames. A failed video stops the run once the videos in progress end
+    (those finished stay recorded); the videos not yet started are dropped."""
     scale = {"qe": 1, "x2": 2, "x4": 4}.get(task)
     if scale is None:
         raise VrestoreError(f"unknown task {task!r}; use qe, x2 or x4")
@@ -367,10 +369,15 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *, task: str
 
         with ProcessPoolExecutor(min(jobs, len(todo))) as pool:
             futures = {pool.submit(degrade_video, v, lq, gt_dst=gt, **kw): (v, gt, lq) for v, gt, lq in todo}
-            for i, fut in enumerate(as_completed(futures), 1):
-                record(*futures[fut], fut.result())
-                if progress:
-                    progress("videos", i, len(todo))
+            try:
+                for i, fut in enumerate(as_completed(futures), 1):
+                    record(*futures[fut], fut.result())
+                    if progress:
+                        progress("videos", i, len(todo))
+            except BaseException:
+                for f in futures:  # leaving the pool waits for the running videos, not for all the rest
+                    f.cancel()
+                raise
         return meta
     for v, gt, lq in todo:
         cb = (lambda i, n, _name=v.stem: progress(_name, i, n)) if progress else None
