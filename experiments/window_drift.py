@@ -4,7 +4,7 @@ A BasicVSR++ trained on short clips may let its propagated features drift as
 a window grows; ``vrestore restore --chunk`` and the model card (60-frame
 windows) then score worse than short windows. This restores one held-out clip
 of a prepared set (``data/qe_test`` or ``data/x4_test``, made by
-``experiments/model_card.py``) with windows of 8, 16, 32 and 60 frames and
+``experiments/model_card.py``) with windows of 8, 16, 32 and 60 frames (``--windows``) and
 prints RGB-PSNR (NTIRE protocol), over the clip and its last 10 frames.
 
     python experiments/window_drift.py data/x4_test clip_carphone MODEL [MODEL ...]
@@ -27,11 +27,12 @@ def main() -> None:
     ap.add_argument("clip")
     ap.add_argument("models", nargs="+")
     ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--windows", default="8,16,32,60", help="window lengths, comma-separated")
     a = ap.parse_args()
     clips = {c[0]: c for c in PairedClips(a.data, 2, 2).validation_clips(a.frames)}
     _, lq, gt, pqfs = clips[a.clip]
     for model in a.models:
-        for chunk in (8, 16, 32, 60):
+        for chunk in (int(w) for w in a.windows.split(",")):
             r = Restorer(model, chunk=chunk, overlap=min(8, chunk // 2))
             v = metrics.score_video(gt, np.stack(list(r.stream(list(np.array(lq)), pqfs))), a.clip, with_ssim=False)
             print(f"{model}  {a.clip}  window {chunk:2d}: {np.mean(v.psnr_rgb):.3f} dB, "
