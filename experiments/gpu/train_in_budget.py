@@ -19,6 +19,7 @@ are not this project's pins.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -53,7 +54,7 @@ def probe(cfgs: list, iters: int) -> list[float]:
     """Seconds per restoration iteration of each recipe, all timed at once."""
     procs, runs = [], []
     for cfg in cfgs:
-        p = OmegaConf.create(OmegaConf.to_container(cfg))
+        p = copy.deepcopy(cfg)
         first = next(s for s in p.steps if step_kind(p, s) != FLOW_KIND)
         p.steps = [dict(OmegaConf.to_container(first), iters=iters)]
         p.out = f"runs/probe_{cfg.name}"
@@ -71,7 +72,7 @@ def probe(cfgs: list, iters: int) -> list[float]:
 
 
 def scaled(cfg, factor: float):
-    s = OmegaConf.create(OmegaConf.to_container(cfg))
+    s = copy.deepcopy(cfg)
     for step in s.steps:
         step.iters = max(1, round(int(step.iters) * factor))
     if s.get("optim", {}).get("spynet_freeze"):

@@ -6,8 +6,8 @@ import torch
 
 from vrestore.errors import VrestoreError
 from vrestore.metrics import psnr
-from vrestore.video.degrade import ctu_size, degrade_video, detect_pqfs, ldp_frame_qp, prepare_dataset
-from vrestore.video.io import VideoReader, probe
+from vrestore.video.degrade import degrade_video, detect_pqfs, ldp_frame_qp, prepare_dataset
+from vrestore.video.io import VideoReader, ctu_size, probe
 
 
 def test_hm_low_delay_p_qps():
