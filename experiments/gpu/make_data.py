@@ -5,7 +5,7 @@ photograph, written one photograph per process, then `prepare` for `qe` and
 frame stores (``vrestore.data.pairs.decoded_frames``), also in parallel, so
 the trainers start at once. Idempotent: finished files are kept.
 
-    python experiments/gpu/make_data.py [--jobs 16]
+    python experiments/gpu/make_data.py [--jobs 16] [--tasks qe x4]
 
 The same sets as the serial commands of docs/models.md (`write_clean_sources(...,
 variants=8)`, `vrestore prepare`): the parallelism changes no pixel.
@@ -50,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--root", type=Path, default=Path("data"))
+    ap.add_argument("--tasks", nargs="+", choices=("qe", "x4"), default=["qe", "x4"],
+                    help="the sets to build (a run of qe recipes only needs no x4 sets)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     train, val = a.root / "clean_train8", a.root / "clean_val"
@@ -58,7 +60,7 @@ def main() -> None:
     with ProcessPoolExecutor(a.jobs, initializer=_one_thread) as pool:
         n = sum(pool.map(_sources, jobs))
     print(f"clean sources: {n} videos, {time.perf_counter() - t0:.0f} s", flush=True)
-    sets = [(train, "qe_train8", "qe"), (val, "qe_val", "qe"), (train, "x4_train8", "x4"), (val, "x4_val", "x4")]
+    sets = [(src, f"{task}_{part}", task) for task in a.tasks for src, part in ((train, "train8"), (val, "val"))]
     for src, name, task in sets:
         prepare_dataset(src, a.root / name, task=task, jobs=a.jobs)
         print(f"{name}: prepared, {time.perf_counter() - t0:.0f} s", flush=True)

@@ -22,9 +22,10 @@ def _clip(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255).unsqueeze(0)
 
 
-@pytest.mark.parametrize("name", ["basicvsrpp_c16n2_x1", "basicvsrpp_c16n2_x4"])
-def test_stage1_export_matches_torch_on_a_real_chunk(tmp_path, small_frames, name, random_model):
-    m = random_model(name, pqf_propagation=True)
+@pytest.mark.parametrize("name,kw", [("basicvsrpp_c16n2_x1", {}), ("basicvsrpp_c16n2_x4", {}),
+                                     ("basicvsrpp_c16n2_x1", {"head_sees_input": True})])
+def test_stage1_export_matches_torch_on_a_real_chunk(tmp_path, small_frames, name, kw, random_model):
+    m = random_model(name, pqf_propagation=True, **kw)
     path = tmp_path / "s1.onnx"
     meta = export_onnx(m, path, frames=4)
     assert meta["vrestore_role"] == "stage1" and meta["vrestore_frames"] == "4"

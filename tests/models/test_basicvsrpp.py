@@ -163,3 +163,39 @@ def test_training_mode_pads_patches_less_than_inference():
     assert m.pad_sizes(training=True) == (4, 64)
     y = m(torch.rand(2, 3, 3, 64, 64))
     assert y.shape == (2, 3, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name,scale", [("basicvsrpp_c32n4_x1_pqf_hi", 1), ("basicvsrpp_c16n2_x4", 4)])
+def test_head_that_sees_the_input_gets_it_at_full_resolution(name, scale, tmp_path):
+    """``head_sees_input``: conv_hr's last three input channels are the image the
+    global residual adds (the input, or its bilinear x4), aligned pixel for
+    pixel. With the feature channels of conv_hr zeroed, the output must be
+    exactly that image run through conv_hr and conv_last; and the option
+    survives a save and load."""
+    torch.manual_seed(0)
+    m = build(name, head_sees_input=True).eval()
+    assert m.conv_hr.in_channels == 64 + 3
+    with torch.no_grad():
+        m.conv_hr.weight[:, :64].zero_()
+        for p in (m.conv_hr.weight, m.conv_hr.bias, m.conv_last.weight, m.conv_last.bias):
+            p.mul_(3.0)  # make the head's contribution large
+    x = torch.rand(1, 3, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        frames = x[0]
+        base = frames if scale == 1 else torch.nn.functional.interpolate(frames, scale_factor=scale, mode="bilinear")
+        head = m.conv_last(torch.nn.functional.leaky_relu(
+            torch.nn.functional.conv2d(base, m.conv_hr.weight[:, 64:], m.conv_hr.bias, padding=1), 0.1))
+    assert float(head.abs().mean()) > 0.05
+    # two 3x3 convs in from the border (the network pads small inputs, the reference with zeros)
+    torch.testing.assert_close(y[0][..., 2:-2, 2:-2], (head + base)[..., 2:-2, 2:-2], rtol=1e-4, atol=1e-4)
+    vrestore.models.save(m, tmp_path / "hi.safetensors")
+    m2 = vrestore.load(tmp_path / "hi.safetensors")
+    assert m2.cfg.head_sees_input
+    with torch.no_grad():
+        assert torch.equal(m2(x), y)
+
+
+def test_published_head_is_unchanged_by_default():
+    m = build("basicvsrpp_c32n4_x1_pqf")
+    assert not m.cfg.head_sees_input and m.conv_hr.in_channels == 64

@@ -128,6 +128,9 @@ class BasicVSRPPConfig:
     num_reconstruction_blocks: int = 5
     pqf_propagation: bool = False
     pqf_period: int = 4
+    #: the full-resolution head also sees the image the global residual adds
+    #: (the input, or its bilinear upsampling); not in the published model
+    head_sees_input: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -170,7 +173,11 @@ class BasicVSRPlusPlus(nn.Module):
         up = cfg.scale * (1 if cfg.is_low_res_input else 4)  # feature -> output factor
         self.upsample1 = PixelShufflePack(c, c, 2)
         self.upsample2 = PixelShufflePack(c, 64, 2 if up == 4 else 1)
-        self.conv_hr = nn.Conv2d(64, 64, 3, 1, 1)
+        # The published head sees only features from 1/4 size (same-size form): at
+        # 32 channels that bottleneck cannot carry the pixel-level correction
+        # (docs/models.md, "Why the same-size stage 1 does not learn"); the
+        # option hands it the full-resolution image too (3 more input channels).
+        self.conv_hr = nn.Conv2d(64 + 3 * cfg.head_sees_input, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
 
     def he_init(self) -> None:
@@ -358,15 +365,17 @@ class BasicVSRPlusPlus(nn.Module):
         return torch.stack(outputs, dim=1)
 
     def reconstruct(self, hr: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        hr = self.reconstruction(hr)
-        hr = F.leaky_relu(self.upsample1(hr), 0.1)
-        hr = F.leaky_relu(self.upsample2(hr), 0.1)
-        hr = F.leaky_relu(self.conv_hr(hr), 0.1)
-        hr = self.conv_last(hr)
         if self.cfg.is_low_res_input:
             base = F.interpolate(lq, scale_factor=self.scale, mode="bilinear", align_corners=False)
         else:
             base = lq
+        hr = self.reconstruction(hr)
+        hr = F.leaky_relu(self.upsample1(hr), 0.1)
+        hr = F.leaky_relu(self.upsample2(hr), 0.1)
+        if self.cfg.head_sees_input:
+            hr = torch.cat([hr, base.to(hr.dtype)], 1)
+        hr = F.leaky_relu(self.conv_hr(hr), 0.1)
+        hr = self.conv_last(hr)
         return hr + base
 
 
@@ -384,6 +393,8 @@ register_model("basicvsrpp_c32n4_x1_pqf", "basicvsrpp", mid_channels=32, num_blo
                scale=1, pqf_propagation=True)
 register_model("basicvsrpp_c32n4_x4_pqf", "basicvsrpp", mid_channels=32, num_blocks=4, is_low_res_input=True,
                scale=4, pqf_propagation=True)
+register_model("basicvsrpp_c32n4_x1_pqf_hi", "basicvsrpp", mid_channels=32, num_blocks=4, is_low_res_input=False,
+               scale=1, pqf_propagation=True, head_sees_input=True)
 register_model("basicvsrpp_c16n2_x1", "basicvsrpp", mid_channels=16, num_blocks=2, is_low_res_input=False,
                scale=1)
 register_model("basicvsrpp_c16n2_x4", "basicvsrpp", mid_channels=16, num_blocks=2, is_low_res_input=True, scale=4)
