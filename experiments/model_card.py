@@ -1,6 +1,6 @@
 """Measure the numbers of docs/models.md on the held-out clips.
 
-    python experiments/model_card.py qe [--tta] [--stage1 PATH] [--stage2 PATH]   # or x4
+    python experiments/model_card.py qe [--tta] [--stage1 PATH] [--stage2 PATH | --stage1-only]   # or x4
 (the bundled model's files by default; a run's ``final.safetensors`` to judge
 it before it is bundled) writes experiments/results/model_card_<task>.json. Rows: the compressed input
 (bicubic-upscaled for x4), the best classical filter (FFmpeg nlmeans or
@@ -77,7 +77,7 @@ def score(gt: dict, pred: dict) -> dict:
 
 
 def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta: bool = False,
-         classical_grid: bool = True, out: Path | None = None) -> None:
+         classical_grid: bool = True, out: Path | None = None, stage1_only: bool = False) -> None:
     scale = {"qe": 1, "x4": 4}[task]
     data = ROOT / "data"
     clean = data / "clean_test"
@@ -97,7 +97,7 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta:
             rows[f"classical {spec}"] = score(gt, {k: classical(v, spec) for k, v in lq.items()})
         best = max((k for k in rows if k.startswith("classical ")), key=lambda k: rows[k]["average"]["psnr_rgb"])
         rows["best classical filter"] = {"name": best, **rows[best]}
-    s1, s2 = stage1 or bundled_path(task), stage2 or bundled_path(f"{task}:stage2")
+    s1, s2 = stage1 or bundled_path(task), None if stage1_only else stage2 or bundled_path(f"{task}:stage2")
     variants = [("stage 1", None, False)]
     if s2 is not None:  # bundled or given
         variants.append(("stage 1 + stage 2", s2, False))
@@ -126,5 +126,9 @@ if __name__ == "__main__":
     ap.add_argument("--stage2", type=Path, help="stage-2 checkpoint (default: the bundled one, if any)")
     ap.add_argument("--no-classical", action="store_true", help="skip the classical filter grid (qe; slow at 720p)")
     ap.add_argument("--out", type=Path, help="JSON to write (default: experiments/results/model_card_<task>.json)")
+    ap.add_argument("--stage1-only", action="store_true", help="no stage 2 rows (a stage-1 run judged alone)")
     a = ap.parse_args()
-    main(a.task, a.stage1, a.stage2, tta=a.tta, classical_grid=not a.no_classical, out=a.out)
+    if a.stage1_only and (a.stage2 or a.tta):
+        ap.error("--stage1-only leaves out stage 2: not with --stage2 or --tta")
+    main(a.task, a.stage1, a.stage2, tta=a.tta, classical_grid=not a.no_classical, out=a.out,
+         stage1_only=a.stage1_only)

@@ -199,3 +199,13 @@ def test_head_that_sees_the_input_gets_it_at_full_resolution(name, scale, tmp_pa
 def test_published_head_is_unchanged_by_default():
     m = build("basicvsrpp_c32n4_x1_pqf")
     assert not m.cfg.head_sees_input and m.conv_hr.in_channels == 64
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_weights_alone_tell_the_head(head):
+    """A checkpoint without our config (an MMEditing-style state dict) still
+    loads into the right head: the option is read off conv_hr's input width."""
+    from vrestore.models.checkpoint import infer_basicvsrpp_config
+
+    m = build("basicvsrpp_c16n2_x1", head_sees_input=head)
+    assert infer_basicvsrpp_config(m.state_dict())["head_sees_input"] is head

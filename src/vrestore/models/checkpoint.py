@@ -45,7 +45,7 @@ def infer_basicvsrpp_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     else:
         scale = 1
     return {"mid_channels": mid, "num_blocks": num_blocks, "is_low_res_input": low_res, "scale": scale,
-            "num_reconstruction_blocks": recon}
+            "num_reconstruction_blocks": recon, "head_sees_input": sd["conv_hr.weight"].shape[1] == 64 + 3}
 
 
 def infer_swinir_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
