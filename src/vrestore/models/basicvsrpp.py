@@ -173,9 +173,9 @@ class BasicVSRPlusPlus(nn.Module):
         up = cfg.scale * (1 if cfg.is_low_res_input else 4)  # feature -> output factor
         self.upsample1 = PixelShufflePack(c, c, 2)
         self.upsample2 = PixelShufflePack(c, 64, 2 if up == 4 else 1)
-        # The published head sees only features from 1/4 size (same-size form): at
-        # 32 channels that bottleneck cannot carry the pixel-level correction
-        # (docs/models.md, "Why the same-size stage 1 does not learn"); the
+        # The published head sees only features from 1/4 size (same-size form); at
+        # 32 channels our model learnt little beyond colour offsets through it
+        # (docs/models.md, "Why the same-size stage 1 does not learn"). The
         # option hands it the full-resolution image too (3 more input channels).
         self.conv_hr = nn.Conv2d(64 + 3 * cfg.head_sees_input, 64, 3, 1, 1)
         self.conv_last = nn.Conv2d(64, 3, 3, 1, 1)
