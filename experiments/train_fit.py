@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vrestore import metrics
 from vrestore.data.pairs import PairedClips
 from vrestore.infer.restorer import Restorer
-from vrestore.metrics import psnr
 from vrestore.models import load
 
 
@@ -35,8 +35,7 @@ def whole_clips(root: Path, model: Path, n: int, frames: int = 30) -> list[dict]
         m = min(frames, len(c.lq))
         lq, gt = np.array(c.lq[:m]), np.array(c.gt[:m])
         out = r.restore_frames(lq, sorted(p for p in c.pqfs if p < m))
-        p_in = float(np.mean([psnr(gt[i], lq[i]) for i in range(m)]))
-        p_out = float(np.mean([psnr(gt[i], out[i]) for i in range(m)]))
+        p_in, p_out = (metrics.score_video(gt, x, c.name, with_ssim=False).summary()["psnr_rgb"] for x in (lq, out))
         added = (out.astype(np.float64) - lq).mean((0, 1, 2))
         true = (gt.astype(np.float64) - lq).mean((0, 1, 2))
         rows.append({"clip": c.name, "frames": m, "input": p_in, "output": p_out, "gain": p_out - p_in,
