@@ -145,7 +145,8 @@ def stage2() -> None:
     from vrestore.models import build
 
     rows = []
-    for name, n in (("swinir_t_color_dn", 3), ("swinir_s_color_dn", 2), ("swinir_m_color_dn", 1)):
+    for name, n in (("swinir_t_color_dn", 3), ("swinir_t2_color_dn", 3), ("swinir_s_color_dn", 2),
+                    ("swinir_m_color_dn", 1)):
         for dtype in ("fp32", "bf16"):
             m = build(name).eval()
             r = Restorer(build("basicvsrpp_c16n2_x1"), m, device="cpu", dtype=dtype)

@@ -36,7 +36,7 @@ from ..infer import device as devmod
 log = logging.getLogger(__name__)
 
 #: recipe model keys the trainer acts on, not the network
-TRAINER_MODEL_KEYS = ("init", "zero_last", "he_init", "spynet_init")
+TRAINER_MODEL_KEYS = ("init", "transfer", "zero_last", "he_init", "spynet_init")
 
 
 def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -252,8 +252,13 @@ class Trainer:
         from ..models import build, load
 
         m = dict(self.cfg.model)
-        init, zero_last, he_init, spynet_init = (m.pop(k, None) for k in TRAINER_MODEL_KEYS)
+        init, transfer_from, zero_last, he_init, spynet_init = (m.pop(k, None) for k in TRAINER_MODEL_KEYS)
         name = m.pop("name", None) or m.pop("arch", None)
+        if init and transfer_from:
+            raise VrestoreError("model.init and model.transfer exclude each other: init loads a checkpoint as it "
+                                "is, transfer builds model.name and carries a checkpoint's weights into it")
+        if transfer_from and not name:
+            raise VrestoreError("model.transfer needs model.name: the architecture to carry the weights into")
         if init:
             model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
         else:
@@ -264,6 +269,12 @@ class Trainer:
             if zero_last:  # start as the identity (global residual only): no pre-trained weights to start from
                 nn.init.zeros_(model.conv_last.weight)
                 nn.init.zeros_(model.conv_last.bias)
+        if transfer_from:
+            from .transfer import transfer
+
+            counts = transfer(model, load(transfer_from))
+            log.info("model.transfer: %s tensors from %s (%s attentions with merged heads, %s left unused)",
+                     counts["copied"], transfer_from, counts["merged_attentions"], counts["unused"])
         if spynet_init:  # a pre-trained flow network (another run's flow step, or a published checkpoint)
             if not hasattr(model, "spynet"):
                 raise VrestoreError(f"model.spynet_init: {name or init} has no SPyNet")

@@ -1,0 +1,67 @@
+"""Start a model from another one's weights when their configs differ only in
+ways the weights can be carried across: equal tensors are copied, and a Swin
+attention with fewer heads takes the mean of each group of heads (fewer heads
+run faster on a CPU, ``docs/models.md``). Used by the trainer's
+``model.transfer`` key; the new model is then fine-tuned."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import VrestoreError
+
+
+def _merge_heads(dst: nn.Module, src: nn.Module, name: str, out: dict[str, torch.Tensor]) -> bool:
+    """Fill ``name.qkv`` and ``name.relative_position_bias_table`` of a window
+    attention with ``h`` heads from one with ``g * h`` heads: each new head's
+    attention logit is the mean of its group's logits (queries scaled by
+    ``1 / sqrt(g)``, position biases averaged), values and projection kept."""
+    d_att, s_att = dst.get_submodule(name), src.get_submodule(name)
+    h, hs = d_att.num_heads, s_att.num_heads
+    if hs % h or d_att.qkv.weight.shape != s_att.qkv.weight.shape:
+        return False
+    g = hs // h
+    c = s_att.qkv.weight.shape[1]
+    # SDPA scales logits by 1/sqrt(head dim): the merged head's dim is g times larger,
+    # so q * sqrt(g) / g gives the mean of the g old logits.
+    q_scale = math.sqrt(g) / g
+    w, b = s_att.qkv.weight.detach().clone(), s_att.qkv.bias.detach().clone()
+    w[:c] *= q_scale
+    b[:c] *= q_scale
+    out[f"{name}.qkv.weight"], out[f"{name}.qkv.bias"] = w, b
+    table = s_att.relative_position_bias_table.detach()
+    out[f"{name}.relative_position_bias_table"] = table.view(table.shape[0], h, g).mean(-1)
+    return True
+
+
+def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
+    """Load ``src``'s weights into ``dst`` (in place). Every tensor of ``dst``
+    must be covered, by an equal-shaped tensor of the same name or a head
+    merge; anything else is an error naming the tensors, so that a recipe never
+    trains from a half-random start by accident. Returns counts for the log."""
+    src_sd, dst_sd = src.state_dict(), dst.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    merged = 0
+    for name, module in dst.named_modules():
+        if hasattr(module, "relative_position_bias_table") and hasattr(module, "num_heads"):
+            key = f"{name}.relative_position_bias_table"
+            if key in src_sd and src_sd[key].shape != dst_sd[key].shape:
+                if not _merge_heads(dst, src, name, new):
+                    raise VrestoreError(f"transfer: cannot merge {src.get_submodule(name).num_heads} heads of "
+                                        f"{name} into {module.num_heads}")
+                merged += 1
+    for k, v in dst_sd.items():
+        if k in new:
+            continue
+        if k in src_sd and src_sd[k].shape == v.shape:
+            new[k] = src_sd[k]
+    left = [k for k in dst_sd if k not in new]
+    if left:
+        raise VrestoreError(f"transfer: {len(left)} tensors of the new model have no counterpart of that shape "
+                            f"(e.g. {left[0]}); give model.init for an identical architecture instead")
+    unused = [k for k in src_sd if k not in dst_sd]
+    dst.load_state_dict({k: v.to(dst_sd[k].dtype) for k, v in new.items()})
+    return {"copied": len(new), "merged_attentions": merged, "unused": len(unused)}
