@@ -4,6 +4,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py dcn        # deformable conv vs conv2d (the <= 3x target)
     python benchmarks/run.py stage1     # BasicVSR++ c64n7 frames/s, QE 960x536 and x4 from 240x136
     python benchmarks/run.py stage2     # SwinIR frames/s at 960x536 (published M size and small ones)
+    python benchmarks/run.py attention  # SwinIR-T's window attention alone at 960x536: 4, 2 or 1 heads, bf16
     python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
@@ -160,6 +161,26 @@ def stage2() -> None:
             rows.append({"model": name, "params_m": sum(p.numel() for p in m.parameters()) / 1e6, "dtype": dtype,
                          "sec_per_frame": dt, "fps": 1 / dt})
     _save("stage2", {"input": "960x536", "rows": rows})
+
+
+def attention() -> None:
+    """The window attention of one SwinIR-T block (32 channels, 8x8 windows,
+    a 960x536 frame, bf16) by head count: the same arithmetic for the
+    projections, while the attention kernel's cost grows with the heads."""
+    import torch.nn.functional as F
+
+    bw, n, c = (536 // 8) * (960 // 8), 64, 32
+    rows = []
+    for heads in (4, 2, 1):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(bw, heads, n, c // heads, dtype=torch.bfloat16) for _ in range(3))
+        bias = torch.randn(1, heads, n, n, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            dt = _timeit(lambda q=q, k=k, v=v, bias=bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+        rows.append({"heads": heads, "head_dim": c // heads, "windows": bw, "sec_per_block": dt})
+    for r in rows:
+        r["speedup_vs_4_heads"] = rows[0]["sec_per_block"] / r["sec_per_block"]
+    _save("attention", {"input": "960x536", "rows": rows})
 
 
 def swin1080() -> None:
@@ -487,9 +508,9 @@ if __name__ == "__main__":
     from vrestore.infer.device import keep_freed_memory
 
     keep_freed_memory()
-    fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "memory": memory, "speed": speed, "swin1080": swin1080,
-           "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load, "train": train, "train_convs": train_convs,
-           "report": report}
+    fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
+           "swin1080": swin1080, "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load, "train": train,
+           "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
     for name in (everything if what == "all" else [what]):
         fns[name]()
