@@ -84,6 +84,9 @@ def test_recipe_transfer_builds_the_named_model_from_the_file(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(tr.model.eval()(x), src(x), atol=2e-5, rtol=1e-4)
     tr.close()
-    cfg.model.init = str(path)
-    with pytest.raises(VrestoreError, match="exclude each other"):
-        Trainer(cfg)
+    for key, value, msg in (("init", str(path), "exclude each other"), ("zero_last", True, "no effect"),
+                            ("name", None, "needs model.name")):
+        bad = cfg.copy()
+        bad.model[key] = value
+        with pytest.raises(VrestoreError, match=msg):
+            Trainer(bad)

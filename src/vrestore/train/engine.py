@@ -259,6 +259,9 @@ class Trainer:
                                 "is, transfer builds model.name and carries a checkpoint's weights into it")
         if transfer_from and not name:
             raise VrestoreError("model.transfer needs model.name: the architecture to carry the weights into")
+        if transfer_from and (zero_last or he_init):
+            raise VrestoreError("model.transfer sets every weight, so zero_last and he_init would have no effect; "
+                                "drop them (or set them to false where a base recipe sets them)")
         if init:
             model = load(init, **{k: v for k, v in m.items() if k in ("pqf_propagation", "pqf_period")})
         else:
