@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from ..errors import VrestoreError
+from ..models.swinir import WindowAttention
 
 
-def _merge_heads(dst: nn.Module, src: nn.Module, name: str, out: dict[str, torch.Tensor]) -> bool:
+def _merge_heads(d_att: WindowAttention, s_att: WindowAttention, name: str, out: dict[str, torch.Tensor]) -> bool:
     """Fill ``name.qkv`` and ``name.relative_position_bias_table`` of a window
     attention with ``h`` heads from one with ``g * h`` heads: each new head's
     attention logit is the mean of its group's logits (queries scaled by
     ``1 / sqrt(g)``, position biases averaged), values and projection kept."""
-    d_att, s_att = dst.get_submodule(name), src.get_submodule(name)
     h, hs = d_att.num_heads, s_att.num_heads
     if hs % h or d_att.qkv.weight.shape != s_att.qkv.weight.shape:
         return False
@@ -46,13 +46,12 @@ def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
     new: dict[str, torch.Tensor] = {}
     merged = 0
     for name, module in dst.named_modules():
-        if hasattr(module, "relative_position_bias_table") and hasattr(module, "num_heads"):
-            key = f"{name}.relative_position_bias_table"
-            if key in src_sd and src_sd[key].shape != dst_sd[key].shape:
-                if not _merge_heads(dst, src, name, new):
-                    raise VrestoreError(f"transfer: cannot merge {src.get_submodule(name).num_heads} heads of "
-                                        f"{name} into {module.num_heads}")
-                merged += 1
+        key = f"{name}.relative_position_bias_table"
+        if isinstance(module, WindowAttention) and key in src_sd and src_sd[key].shape != dst_sd[key].shape:
+            s_att = src.get_submodule(name)
+            if not _merge_heads(module, s_att, name, new):
+                raise VrestoreError(f"transfer: cannot merge {s_att.num_heads} heads of {name} into {module.num_heads}")
+            merged += 1
     for k, v in dst_sd.items():
         if k in new:
             continue
@@ -62,6 +61,5 @@ def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
     if left:
         raise VrestoreError(f"transfer: {len(left)} tensors of the new model have no counterpart of that shape "
                             f"(e.g. {left[0]}); give model.init for an identical architecture instead")
-    unused = [k for k in src_sd if k not in dst_sd]
-    dst.load_state_dict({k: v.to(dst_sd[k].dtype) for k, v in new.items()})
-    return {"copied": len(new), "merged_attentions": merged, "unused": len(unused)}
+    dst.load_state_dict(new)  # copies into dst's own tensors, in their dtype
+    return {"copied": len(new), "merged_attentions": merged, "unused": sum(k not in dst_sd for k in src_sd)}
