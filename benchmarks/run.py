@@ -7,6 +7,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py attention  # SwinIR-T's window attention alone at 960x536: 4, 2 or 1 heads, bf16
     python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
+    python benchmarks/run.py bundled    # the bundled same-size models as `restore` runs them, 854x480
     python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
     python benchmarks/run.py chunks     # chunked vs whole-sequence outputs (bundled model), per frame
     python benchmarks/run.py onnx       # onnxruntime (CPU) vs torch fp32 and bf16, per stage, 960x536
@@ -250,6 +251,18 @@ def speed() -> None:
     naive = _subprocess([*args, "--whole", "--dtype", "fp32", "--chunk", "1000", "--plain"], malloc="system")
     ours = _subprocess([*args, "--dtype", "auto"])
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
+
+
+def bundled() -> None:
+    """Frames/s of each bundled same-size model as ``restore`` runs it (its own stage 2), and of stage 1
+    alone, at 854x480 (the speed target's size), one after the other so the rows compare."""
+    rows = []
+    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe", "none")):
+        r = _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "20",
+                         "--warmup", "4"])
+        rows.append({"model": model, "stage2": r["stage2_used"], "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
+                     "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
+    _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
 
 def gpu() -> None:
@@ -509,6 +522,7 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
+           "bundled": bundled,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load, "train": train,
            "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]

@@ -397,7 +397,8 @@ def _pid_alive(pid: int) -> bool:
 @handled
 def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG folder, or a folder of videos."),
             output: Path = typer.Option(..., "-o", "--output", help="Output file (or folder for a folder input)."),
-            model: str = typer.Option("qe", help="Bundled model name (qe, x4) or a checkpoint path."),
+            model: str = typer.Option("qe", help="Bundled model name (qe, qe-fast, x4: `vrestore models`) or a "
+                                                 "checkpoint path."),
             stage2: str = typer.Option(None, help="Stage-2 checkpoint; 'none' to skip (bundled models bring one)."),
             ensemble: list[str] = typer.Option(None, help="More stage-1 checkpoints to average with --model."),
             tta: bool = typer.Option(False, help="x8 test-time augmentation (8x slower)."),
@@ -574,7 +575,7 @@ def _comparison_image(lq, restored, gt, path: Path) -> None:
 @app.command()
 @handled
 def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for the demo's outputs."),
-         model: str = typer.Option("qe", help="Bundled model to show (qe or x4)."),
+         model: str = typer.Option("qe", help="Bundled model to show (qe, qe-fast or x4)."),
          device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
          backend: str = typer.Option("auto", help="torch or onnxruntime (exports the model on first use).")) -> None:
     """Degrade the bundled Big Buck Bunny clip with the LDV protocol, restore it, and report the gain."""
