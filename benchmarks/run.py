@@ -522,9 +522,8 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
-           "bundled": bundled,
-           "swin1080": swin1080, "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load, "train": train,
-           "train_convs": train_convs, "report": report}
+           "bundled": bundled, "swin1080": swin1080, "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load,
+           "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
     for name in (everything if what == "all" else [what]):
         fns[name]()
