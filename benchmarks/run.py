@@ -275,8 +275,9 @@ def gpu() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu: no CUDA GPU on this machine")
     rows = []
-    for model, with_stage2, (w, h) in (("qe", True, (854, 480)), ("qe", False, (854, 480)),
-                                       ("qe", True, (1920, 1080)), ("x4", False, (480, 270))):
+    for model, with_stage2, (w, h) in (("qe", True, (854, 480)), ("qe-fast", True, (854, 480)),
+                                       ("qe", False, (854, 480)), ("qe", True, (1920, 1080)),
+                                       ("x4", False, (480, 270))):
         r = Restorer(bundled_path(model), bundled_path(f"{model}:stage2") if with_stage2 else None, device="cuda")
         torch.cuda.reset_peak_memory_stats()
         res = bench(r, w, h, 64, warmup=8)
