@@ -110,6 +110,8 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta:
         dt = time.perf_counter() - t
         n = sum(len(v) for v in lq.values())
         rows[label] = score(gt, pred) | {"seconds": dt, "frames": n, "precision": r.engine}
+        # a row takes minutes on a CPU (x8 TTA: half an hour): say each as it is done, not only at the end
+        print(f"{label}: {rows[label]['average']['psnr_rgb']:.3f} dB, {n} frames in {dt:.0f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "stage1": str(s1), "stage2": str(s2) if s2 else None,
            "rows": rows}
