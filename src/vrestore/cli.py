@@ -29,10 +29,12 @@ from rich.progress import (
 from rich.table import Table
 
 from .errors import VrestoreError
+from .weights import bundled_models
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore compressed video (BasicVSR++ + SwinIR, the NTIRE 2022 recipe).")
 console = Console(stderr=True)
+_BUNDLED = ", ".join(bundled_models())  # for help texts: the names models.json registers, as `vrestore models` lists
 out = Console()
 
 
@@ -307,7 +309,7 @@ def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *,
                   compile: bool = False, channels_last: bool | None = None):
     """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer."""
     from .infer.restorer import Restorer
-    from .weights import bundled_models, bundled_path
+    from .weights import bundled_path
 
     stage1 = [model] + list(ensemble or [])
     if model in bundled_models():
@@ -397,7 +399,7 @@ def _pid_alive(pid: int) -> bool:
 @handled
 def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG folder, or a folder of videos."),
             output: Path = typer.Option(..., "-o", "--output", help="Output file (or folder for a folder input)."),
-            model: str = typer.Option("qe", help="Bundled model name (qe, qe-fast, x4: `vrestore models`) or a "
+            model: str = typer.Option("qe", help=f"Bundled model name ({_BUNDLED}: `vrestore models`) or a "
                                                  "checkpoint path."),
             stage2: str = typer.Option(None, help="Stage-2 checkpoint; 'none' to skip (bundled models bring one)."),
             ensemble: list[str] = typer.Option(None, help="More stage-1 checkpoints to average with --model."),
@@ -541,9 +543,8 @@ def export(model: str = typer.Argument(..., help="Bundled name (qe, qe:stage2, .
 def models() -> None:
     """List registered architectures/sizes and bundled models."""
     from .models import list_models
-    from .weights import bundled_models
 
-    out.print("bundled: " + (", ".join(bundled_models()) or "(none)"))
+    out.print("bundled: " + (_BUNDLED or "(none)"))
     out.print("registered sizes: " + ", ".join(list_models()))
 
 
@@ -575,7 +576,7 @@ def _comparison_image(lq, restored, gt, path: Path) -> None:
 @app.command()
 @handled
 def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for the demo's outputs."),
-         model: str = typer.Option("qe", help="Bundled model to show (qe, qe-fast or x4)."),
+         model: str = typer.Option("qe", help=f"Bundled model to show ({_BUNDLED})."),
          device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
          backend: str = typer.Option("auto", help="torch or onnxruntime (exports the model on first use).")) -> None:
     """Degrade the bundled Big Buck Bunny clip with the LDV protocol, restore it, and report the gain."""
@@ -586,7 +587,6 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
     from . import metrics
     from .video.degrade import bicubic_upscale, degrade_video
     from .video.io import VideoReader, VideoWriter
-    from .weights import bundled_models
 
     sample = Path(__file__).parent / "assets" / "bbb_demo.mp4"
     output.mkdir(parents=True, exist_ok=True)
@@ -657,7 +657,6 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
     from .infer.bench import bench as run_bench
     from .infer.restorer import Restorer
     from .models import build, list_models
-    from .weights import bundled_models
 
     def resolve(name: str | None):
         if name in (None, "none", "auto", ""):

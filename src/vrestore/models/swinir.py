@@ -351,9 +351,9 @@ register_model("swinir_s_color_dn", "swinir", embed_dim=60, depths=[4] * 4, num_
                mlp_ratio=2.0, img_size=64)
 register_model("swinir_t_color_dn", "swinir", embed_dim=32, depths=[2, 2], num_heads=[4, 4], window_size=8,
                mlp_ratio=2.0, img_size=64)
-# Two heads of 16 channels instead of four of 8: the same layers (the position-
-# bias tables have a column per head); attention (most of SwinIR-T's time on a CPU) runs 2.26x faster, the whole
-# network 1.56x (benchmarks/run.py attention, stage2; docs/models.md).
+# Two heads of 16 channels instead of four of 8: the same layers (the position-bias tables have a column
+# per head); attention (most of SwinIR-T's time on a CPU) runs 2.26x faster, the whole network 1.56x
+# (benchmarks/run.py attention, stage2; docs/models.md).
 register_model("swinir_t2_color_dn", "swinir", embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=8,
                mlp_ratio=2.0, img_size=64)
 register_model("swinir_e24_color_dn", "swinir", embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=8,

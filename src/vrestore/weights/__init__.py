@@ -1,4 +1,4 @@
-"""Bundled default models, registered by name (``qe``, ``x4``).
+"""Bundled default models, registered by name (``vrestore models`` lists them).
 
 ``models.json`` maps a name to its stage-1 and optional stage-2 files in this
 folder; ``bundled_path("qe")`` is the stage-1 file, ``bundled_path("qe:stage2")``
