@@ -70,6 +70,28 @@ def test_transfer_refuses_what_it_cannot_carry():
         transfer(build("swinir_e24_color_dn"), _swin(2))
 
 
+@pytest.mark.parametrize("resi", ["1conv", "3conv"])
+def test_a_new_residual_group_starts_as_the_identity_and_learns(resi):
+    src = _swin(2, resi_connection=resi)
+    torch.manual_seed(1)
+    dst = build("swinir_t2_g3_color_dn", resi_connection=resi)
+    counts = transfer(dst, src)
+    assert counts["identity_groups"] == 1 and counts["unused"] == 0
+    x = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        a, b = src(x), dst(x)
+    assert (a - x).abs().mean() > 1e-3
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)  # exactly the source model
+    new_block = dst.layers[2].residual_group.blocks[0].attn.qkv.weight
+    assert new_block.abs().sum() > 0  # fresh weights, not zeros: the group can learn once its conv moves
+    opt = torch.optim.SGD(dst.parameters(), lr=0.1)
+    for _ in range(2):  # the first step moves the zero conv, the second reaches the blocks behind it
+        opt.zero_grad()
+        (dst(x) - x.flip(-1)).square().mean().backward()
+        opt.step()
+    assert new_block.grad.abs().sum() > 0
+
+
 def test_recipe_transfer_builds_the_named_model_from_the_file(tmp_path):
     src = _swin(4)
     _tie_groups(src, 2)

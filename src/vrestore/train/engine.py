@@ -276,8 +276,9 @@ class Trainer:
             from .transfer import transfer
 
             counts = transfer(model, load(transfer_from))
-            log.info("model.transfer: %s tensors from %s (%s attentions with merged heads, %s left unused)",
-                     counts["copied"], transfer_from, counts["merged_attentions"], counts["unused"])
+            log.info("model.transfer: %s tensors from %s (%s attentions with merged heads, %s new groups "
+                     "started as the identity, %s left unused)", counts["copied"], transfer_from,
+                     counts["merged_attentions"], counts["identity_groups"], counts["unused"])
         if spynet_init:  # a pre-trained flow network (another run's flow step, or a published checkpoint)
             if not hasattr(model, "spynet"):
                 raise VrestoreError(f"model.spynet_init: {name or init} has no SPyNet")

@@ -1,8 +1,10 @@
 """Start a model from another one's weights when their configs differ only in
-ways the weights can be carried across: equal tensors are copied, and a Swin
+ways the weights can be carried across: equal tensors are copied, a Swin
 attention with fewer heads takes the mean of each group of heads (fewer heads
-run faster on a CPU, ``docs/models.md``). Used by the trainer's
-``model.transfer`` key; the new model is then fine-tuned."""
+run faster on a CPU, ``docs/models.md``), and residual Swin groups that the
+source lacks start as the identity (a deeper model that begins exactly where
+the trained one is). Used by the trainer's ``model.transfer`` key; the new
+model is then fine-tuned."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import VrestoreError
-from ..models.swinir import WindowAttention
+from ..models.swinir import RSTB, WindowAttention
 
 
 def _merge_heads(d_att: WindowAttention, s_att: WindowAttention, name: str, out: dict[str, torch.Tensor]) -> bool:
@@ -37,13 +39,35 @@ def _merge_heads(d_att: WindowAttention, s_att: WindowAttention, name: str, out:
     return True
 
 
+def _new_groups(dst: nn.Module, src_sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> int:
+    """Fill every residual Swin group of ``dst`` that has no tensor in
+    ``src_sd`` so that it passes its input through unchanged: its blocks keep
+    their fresh initialisation and its closing convolution (the last one, for
+    ``3conv``) is zero, so ``x + conv(blocks(x)) = x`` until training moves
+    that convolution. Returns how many groups were added."""
+    added = 0
+    for name, module in dst.named_modules():
+        if not isinstance(module, RSTB) or any(k.startswith(f"{name}.") for k in src_sd):
+            continue
+        last = module.conv if isinstance(module.conv, nn.Conv2d) else module.conv[-1]
+        for k, v in module.state_dict().items():
+            out[f"{name}.{k}"] = v.detach().clone()
+        conv_name = next(n for n, m in module.named_modules() if m is last)
+        out[f"{name}.{conv_name}.weight"] = torch.zeros_like(last.weight)
+        out[f"{name}.{conv_name}.bias"] = torch.zeros_like(last.bias)
+        added += 1
+    return added
+
+
 def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
     """Load ``src``'s weights into ``dst`` (in place). Every tensor of ``dst``
-    must be covered, by an equal-shaped tensor of the same name or a head
-    merge; anything else is an error naming the tensors, so that a recipe never
+    must be covered, by an equal-shaped tensor of the same name, a head merge
+    or a residual group that ``src`` lacks entirely (started as the identity);
+    anything else is an error naming the tensors, so that a recipe never
     trains from a half-random start by accident. Returns counts for the log."""
     src_sd, dst_sd = src.state_dict(), dst.state_dict()
     new: dict[str, torch.Tensor] = {}
+    added = _new_groups(dst, src_sd, new)
     merged = 0
     for name, module in dst.named_modules():
         key = f"{name}.relative_position_bias_table"
@@ -62,4 +86,5 @@ def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
         raise VrestoreError(f"transfer: {len(left)} tensors of the new model have no counterpart of that shape "
                             f"(e.g. {left[0]}); give model.init for an identical architecture instead")
     dst.load_state_dict(new)  # copies into dst's own tensors, in their dtype
-    return {"copied": len(new), "merged_attentions": merged, "unused": sum(k not in dst_sd for k in src_sd)}
+    return {"copied": len(new), "merged_attentions": merged, "identity_groups": added,
+            "unused": sum(k not in dst_sd for k in src_sd)}
