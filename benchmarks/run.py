@@ -265,6 +265,19 @@ def bundled() -> None:
     _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
 
+def stage2_depth() -> None:
+    """The bundled pipelines against the same stage 1 with each stage 2 grown by a third residual group
+    (random weights: the speed is the architecture's), 854x480, one after the other so the rows compare."""
+    rows = []
+    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe", "swinir_t2_g3_color_dn"),
+                          ("qe", "swinir_t_g3_color_dn")):
+        r = _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "20",
+                         "--warmup", "4"])
+        rows.append({"model": model, "stage2": stage2, "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
+                     "precision": r["precision"]})
+    _save("stage2_depth", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+
+
 def gpu() -> None:
     """The bundled models on a CUDA GPU (bf16 autocast, as ``restore --device cuda`` runs them):
     steady-state frames/s and peak GPU memory of the default pipeline."""
@@ -523,8 +536,8 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
-           "bundled": bundled, "swin1080": swin1080, "chunks": chunks, "onnx": onnx, "gpu": gpu, "load": load,
-           "train": train, "train_convs": train_convs, "report": report}
+           "bundled": bundled, "stage2_depth": stage2_depth, "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
+           "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
     for name in (everything if what == "all" else [what]):
         fns[name]()

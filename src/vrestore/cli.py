@@ -667,8 +667,9 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
-    if model in bundled_models():
-        r = make_restorer(model, None if stage2 == "auto" else stage2, None, tta=False, dedup=False, device=device,
+    if model in bundled_models():  # a registered stage-2 name times that architecture (random weights, same speed)
+        s2 = None if stage2 == "auto" else (resolve(stage2) or "none")  # None: the bundled model's own
+        r = make_restorer(model, s2, None, tta=False, dedup=False, device=device,
                           dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile,
                           channels_last=False if plain else None)
     else:

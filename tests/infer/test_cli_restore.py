@@ -71,7 +71,8 @@ def test_bench_reports_json(tmp_path):
     assert not res["stage2_used"]
 
 
-@pytest.mark.parametrize("stage2,used,plain", [("auto", True, False), ("none", False, True)])
+@pytest.mark.parametrize("stage2,used,plain", [("auto", True, False), ("none", False, True),
+                                              ("swinir_t2_g3_color_dn", True, False)])  # run.py stage2_depth
 def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, used, plain):
     r = runner.invoke(app, ["bench", "--model", "qe", "--stage2", stage2, "--size", "64x48", "--frames", "2",
                             "--chunk", "2", "--overlap", "0", "--device", "cpu", "--json", str(tmp_path / "b.json")]

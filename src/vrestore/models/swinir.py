@@ -356,9 +356,11 @@ register_model("swinir_t_color_dn", "swinir", embed_dim=32, depths=[2, 2], num_h
 # (benchmarks/run.py attention, stage2; docs/models.md).
 register_model("swinir_t2_color_dn", "swinir", embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=8,
                mlp_ratio=2.0, img_size=64)
-# swinir_t2 with a third residual group (1.5x its layers): tests whether the bundled stage 2 is bound by its size;
-# ``model.transfer`` from swinir_t2 starts the new group as the identity (docs/models.md).
+# swinir_t2 and swinir_t with a third residual group (1.5x their layers): is the bundled stage 2 bound by its size?
+# ``model.transfer`` from the 2-group model starts the new group as the identity (docs/models.md).
 register_model("swinir_t2_g3_color_dn", "swinir", embed_dim=32, depths=[2, 2, 2], num_heads=[2, 2, 2], window_size=8,
+               mlp_ratio=2.0, img_size=64)
+register_model("swinir_t_g3_color_dn", "swinir", embed_dim=32, depths=[2, 2, 2], num_heads=[4, 4, 4], window_size=8,
                mlp_ratio=2.0, img_size=64)
 register_model("swinir_e24_color_dn", "swinir", embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=8,
                mlp_ratio=2.0, img_size=64)
