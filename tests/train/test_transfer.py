@@ -77,6 +77,7 @@ def test_a_new_residual_group_starts_as_the_identity_and_learns(resi):
     dst = build("swinir_t2_g3_color_dn", resi_connection=resi)
     counts = transfer(dst, src)
     assert counts["identity_groups"] == 1 and counts["unused"] == 0
+    assert counts["copied"] == len(src.state_dict())  # every source tensor, and nothing counted twice
     x = torch.rand(1, 3, 24, 40)
     with torch.no_grad():
         a, b = src(x), dst(x)

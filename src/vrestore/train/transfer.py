@@ -39,13 +39,13 @@ def _merge_heads(d_att: WindowAttention, s_att: WindowAttention, name: str, out:
     return True
 
 
-def _new_groups(dst: nn.Module, src_sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> int:
+def _new_groups(dst: nn.Module, src_sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Fill every residual Swin group of ``dst`` that has no tensor in
     ``src_sd`` so that it passes its input through unchanged: its blocks keep
     their fresh initialisation and its closing convolution (the last one, for
     ``3conv``) is zero, so ``x + conv(blocks(x)) = x`` until training moves
-    that convolution. Returns how many groups were added."""
-    added = 0
+    that convolution. Returns how many groups and tensors were filled."""
+    added = filled = 0
     for name, module in dst.named_modules():
         if not isinstance(module, RSTB) or any(k.startswith(f"{name}.") for k in src_sd):
             continue
@@ -55,8 +55,8 @@ def _new_groups(dst: nn.Module, src_sd: dict[str, torch.Tensor], out: dict[str, 
         conv_name = next(n for n, m in module.named_modules() if m is last)
         out[f"{name}.{conv_name}.weight"] = torch.zeros_like(last.weight)
         out[f"{name}.{conv_name}.bias"] = torch.zeros_like(last.bias)
-        added += 1
-    return added
+        added, filled = added + 1, filled + len(module.state_dict())
+    return added, filled
 
 
 def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
@@ -67,7 +67,7 @@ def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
     trains from a half-random start by accident. Returns counts for the log."""
     src_sd, dst_sd = src.state_dict(), dst.state_dict()
     new: dict[str, torch.Tensor] = {}
-    added = _new_groups(dst, src_sd, new)
+    added, fresh = _new_groups(dst, src_sd, new)
     merged = 0
     for name, module in dst.named_modules():
         key = f"{name}.relative_position_bias_table"
@@ -86,5 +86,5 @@ def transfer(dst: nn.Module, src: nn.Module) -> dict[str, int]:
         raise VrestoreError(f"transfer: {len(left)} tensors of the new model have no counterpart of that shape "
                             f"(e.g. {left[0]}); give model.init for an identical architecture instead")
     dst.load_state_dict(new)  # copies into dst's own tensors, in their dtype
-    return {"copied": len(new), "merged_attentions": merged, "identity_groups": added,
+    return {"copied": len(new) - fresh, "merged_attentions": merged, "identity_groups": added,
             "unused": sum(k not in dst_sd for k in src_sd)}
