@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -113,3 +115,21 @@ def test_recipe_transfer_builds_the_named_model_from_the_file(tmp_path):
         bad.model[key] = value
         with pytest.raises(VrestoreError, match=msg):
             Trainer(bad)
+
+
+def test_a_recipe_grows_depth_by_list_overrides_and_checkpoints(tmp_path):
+    """``model.depths`` given in a recipe: the run's checkpoint (JSON config)
+    and final file record the grown network."""
+    src = _swin(2)
+    path = save(src, tmp_path / "two_groups.safetensors")
+    cfg = OmegaConf.create({
+        "name": "t", "out": str(tmp_path / "run"), "device": "cpu", "dtype": "fp32",
+        "model": {"name": "swinir_t2_color_dn", "depths": [2, 2, 2], "num_heads": [2, 2, 2], "transfer": str(path)},
+        "data": {"train": str(tmp_path), "patch": 32, "batch": 2}, "steps": [{"iters": 1}]})
+    tr = Trainer(cfg)
+    ck = torch.load(tr.save_checkpoint(), map_location="cpu", weights_only=True)
+    assert json.loads(ck["model_config"])["depths"] == [2, 2, 2]
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(tr.model.eval()(x), src(x), atol=1e-6, rtol=0)
+    tr.close()
