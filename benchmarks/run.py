@@ -253,13 +253,18 @@ def speed() -> None:
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
 
 
+def _at_target_size(model: str, stage2: str) -> dict:
+    """`vrestore bench` of one pipeline at 854x480 (the speed target's size), 20 frames after 4 of warm-up."""
+    return _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "20",
+                        "--warmup", "4"])
+
+
 def bundled() -> None:
     """Frames/s of each bundled same-size model as ``restore`` runs it (its own stage 2), and of stage 1
     alone, at 854x480 (the speed target's size), one after the other so the rows compare."""
     rows = []
     for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe", "none")):
-        r = _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "20",
-                         "--warmup", "4"])
+        r = _at_target_size(model, stage2)
         rows.append({"model": model, "stage2": r["stage2_used"], "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
                      "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
     _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
@@ -271,8 +276,7 @@ def stage2_depth() -> None:
     rows = []
     for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe", "swinir_t2_g3_color_dn"),
                           ("qe", "swinir_t_g3_color_dn")):
-        r = _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "20",
-                         "--warmup", "4"])
+        r = _at_target_size(model, stage2)
         rows.append({"model": model, "stage2": stage2, "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
                      "precision": r["precision"]})
     _save("stage2_depth", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})

@@ -118,8 +118,8 @@ def test_recipe_transfer_builds_the_named_model_from_the_file(tmp_path):
 
 
 def test_a_recipe_grows_depth_by_list_overrides_and_checkpoints(tmp_path):
-    """``model.depths`` given in a recipe: the run's checkpoint (JSON config)
-    and final file record the grown network."""
+    """``model.depths`` given in a recipe: the run's checkpoint (its JSON
+    config) records the grown network, which starts as the source."""
     src = _swin(2)
     path = save(src, tmp_path / "two_groups.safetensors")
     cfg = OmegaConf.create({

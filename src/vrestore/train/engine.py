@@ -252,8 +252,7 @@ class Trainer:
         from ..models import build, load
 
         # plain values: a list (e.g. depths) would reach the checkpoint's JSON as a ListConfig and fail to save
-        mc = self.cfg.model
-        m = OmegaConf.to_container(mc, resolve=True) if isinstance(mc, DictConfig) else dict(mc)
+        m = OmegaConf.to_container(self.cfg.model, resolve=True)
         init, transfer_from, zero_last, he_init, spynet_init = (m.pop(k, None) for k in TRAINER_MODEL_KEYS)
         name = m.pop("name", None) or m.pop("arch", None)
         if init and transfer_from:

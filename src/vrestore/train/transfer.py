@@ -49,13 +49,11 @@ def _new_groups(dst: nn.Module, src_sd: dict[str, torch.Tensor], out: dict[str, 
     for name, module in dst.named_modules():
         if not isinstance(module, RSTB) or any(k.startswith(f"{name}.") for k in src_sd):
             continue
-        last = module.conv if isinstance(module.conv, nn.Conv2d) else module.conv[-1]
-        for k, v in module.state_dict().items():
-            out[f"{name}.{k}"] = v.detach().clone()
-        conv_name = next(n for n, m in module.named_modules() if m is last)
-        out[f"{name}.{conv_name}.weight"] = torch.zeros_like(last.weight)
-        out[f"{name}.{conv_name}.bias"] = torch.zeros_like(last.bias)
-        added, filled = added + 1, filled + len(module.state_dict())
+        sd = module.state_dict()
+        last = "conv" if isinstance(module.conv, nn.Conv2d) else f"conv.{len(module.conv) - 1}"
+        for k, v in sd.items():
+            out[f"{name}.{k}"] = torch.zeros_like(v) if k.startswith(f"{last}.") else v.detach().clone()
+        added, filled = added + 1, filled + len(sd)
     return added, filled
 
 
