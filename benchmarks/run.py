@@ -253,10 +253,11 @@ def speed() -> None:
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
 
 
-def _at_target_size(model: str, stage2: str) -> dict:
-    """`vrestore bench` of one pipeline at 854x480 (the speed target's size), 20 frames after 4 of warm-up."""
-    return _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "20",
-                        "--warmup", "4"])
+def _at_target_size(model: str, *stage2: str) -> dict:
+    """`vrestore bench` of one pipeline at 854x480 (the speed target's size), 20 frames after 4 of warm-up;
+    several stage 2s are an ensemble."""
+    return _subprocess(["--model", model, *(a for s in stage2 for a in ("--stage2", s)), "--size", "854x480",
+                        "--frames", "20", "--warmup", "4"])
 
 
 def bundled() -> None:
@@ -280,6 +281,17 @@ def stage2_depth() -> None:
         rows.append({"model": model, "stage2": stage2, "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
                      "precision": r["precision"]})
     _save("stage2_depth", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+
+
+def stage2_ensemble() -> None:
+    """The bundled pipelines against `qe`'s stage 1 followed by both bundled stage 2s averaged (a stage-2
+    ensemble), 854x480, one after the other so the rows compare."""
+    rows = []
+    for model, stage2 in (("qe", ("auto",)), ("qe-fast", ("auto",)), ("qe", ("qe:stage2", "qe-fast:stage2"))):
+        r = _at_target_size(model, *stage2)
+        rows.append({"model": model, "stage2": " + ".join(stage2), "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
+                     "precision": r["precision"]})
+    _save("stage2_ensemble", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
 
 def gpu() -> None:
@@ -540,7 +552,8 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
-           "bundled": bundled, "stage2_depth": stage2_depth, "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
+           "bundled": bundled, "stage2_depth": stage2_depth, "stage2_ensemble": stage2_ensemble,
+           "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
     for name in (everything if what == "all" else [what]):

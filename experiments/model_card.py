@@ -1,8 +1,9 @@
 """Measure the numbers of docs/models.md on the held-out clips.
 
-    python experiments/model_card.py qe [--tta] [--stage1 PATH] [--stage2 PATH | --stage1-only]   # or x4
+    python experiments/model_card.py qe [--tta] [--stage1 PATH] [--stage2 PATH [PATH ...] | --stage1-only]   # or x4
 (the bundled model's files by default; a run's ``final.safetensors`` to judge
-it before it is bundled) writes experiments/results/model_card_<task>.json. Rows: the compressed input
+it before it is bundled; several stage-2 files: their ensemble) writes
+experiments/results/model_card_<task>.json. Rows: the compressed input
 (bicubic-upscaled for x4), the best classical filter (FFmpeg nlmeans or
 fftdnoiz, a small grid; QE only), stage 1 alone, both stages, both stages with
 x8 TTA, and the default pipeline's frames/s on this CPU.
@@ -76,7 +77,7 @@ def score(gt: dict, pred: dict) -> dict:
     return {"average": metrics.average(vids), "videos": [v.summary() for v in vids]}
 
 
-def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta: bool = False,
+def main(task: str, stage1: Path | None = None, stage2: list[Path] | None = None, tta: bool = False,
          classical_grid: bool = True, out: Path | None = None, stage1_only: bool = False) -> None:
     scale = {"qe": 1, "x4": 4}[task]
     data = ROOT / "data"
@@ -98,6 +99,7 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta:
         best = max((k for k in rows if k.startswith("classical ")), key=lambda k: rows[k]["average"]["psnr_rgb"])
         rows["best classical filter"] = {"name": best, **rows[best]}
     s1, s2 = stage1 or bundled_path(task), None if stage1_only else stage2 or bundled_path(f"{task}:stage2")
+    s2 = None if s2 is None else [s2] if isinstance(s2, Path) else list(s2)
     variants = [("stage 1", None, False)]
     if s2 is not None:  # bundled or given
         variants.append(("stage 1 + stage 2", s2, False))
@@ -113,7 +115,8 @@ def main(task: str, stage1: Path | None = None, stage2: Path | None = None, tta:
         # a row takes minutes on a CPU (x8 TTA: half an hour): say each as it is done, not only at the end
         print(f"{label}: {rows[label]['average']['psnr_rgb']:.3f} dB, {n} frames in {dt:.0f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "stage1": str(s1), "stage2": str(s2) if s2 else None,
+    res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "stage1": str(s1),
+           "stage2": None if not s2 else str(s2[0]) if len(s2) == 1 else [str(p) for p in s2],
            "rows": rows}
     (out or OUT / f"model_card_{task}.json").write_text(json.dumps(res, indent=1))
     for k, v in rows.items():
@@ -125,7 +128,8 @@ if __name__ == "__main__":
     ap.add_argument("task", nargs="?", default="qe", choices=("qe", "x4"))
     ap.add_argument("--tta", action="store_true", help="also both stages with x8 test-time augmentation")
     ap.add_argument("--stage1", type=Path, help="stage-1 checkpoint (default: the bundled one)")
-    ap.add_argument("--stage2", type=Path, help="stage-2 checkpoint (default: the bundled one, if any)")
+    ap.add_argument("--stage2", type=Path, nargs="+",
+                    help="stage-2 checkpoint(s); several are averaged, an ensemble (default: the bundled one, if any)")
     ap.add_argument("--no-classical", action="store_true", help="skip the classical filter grid (qe; slow at 720p)")
     ap.add_argument("--out", type=Path, help="JSON to write (default: experiments/results/model_card_<task>.json)")
     ap.add_argument("--stage1-only", action="store_true", help="no stage 2 rows (a stage-1 run judged alone)")

@@ -304,23 +304,27 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
         raise VrestoreError(f"--pqf must be auto, none or comma-separated frame indices, got {pqf!r}") from None
 
 
-def make_restorer(model: str, stage2: str | None, ensemble: list[str] | None, *, tta: bool, dedup: bool,
-                  device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto",
+def make_restorer(model: str, stage2: object | list[object] | None, ensemble: list[str] | None, *, tta: bool,
+                  dedup: bool, device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto",
                   compile: bool = False, channels_last: bool | None = None):
-    """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer."""
+    """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer; several stage-2
+    checkpoints are an ensemble (their outputs averaged), 'none' skips stage 2."""
     from .infer.restorer import Restorer
     from .weights import bundled_path
 
     stage1 = [model] + list(ensemble or [])
+    second = list(stage2) if isinstance(stage2, (list, tuple)) else [] if stage2 is None else [stage2]
     if model in bundled_models():
         stage1[0] = str(bundled_path(model) or model)
-        if stage2 is None:
+        if not second:
             s2 = bundled_path(f"{model}:stage2")
-            stage2 = str(s2) if s2 else None
-    if stage2 in ("none", ""):
-        stage2 = None
-    return Restorer(stage1, stage2, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap, tile=tile,
-                    dedup=dedup, backend=backend, compile=compile, channels_last=channels_last)
+            second = [str(s2)] if s2 else []
+    if any(s in ("none", "") for s in second):
+        if len(second) > 1:
+            raise VrestoreError("--stage2 none skips stage 2: it cannot be given with other stage-2 checkpoints")
+        second = []
+    return Restorer(stage1, second or None, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap,
+                    tile=tile, dedup=dedup, backend=backend, compile=compile, channels_last=channels_last)
 
 
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
@@ -401,7 +405,8 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             output: Path = typer.Option(..., "-o", "--output", help="Output file (or folder for a folder input)."),
             model: str = typer.Option("qe", help=f"Bundled model name ({_BUNDLED}: `vrestore models`) or a "
                                                  "checkpoint path."),
-            stage2: str = typer.Option(None, help="Stage-2 checkpoint; 'none' to skip (bundled models bring one)."),
+            stage2: list[str] = typer.Option(None, help="Stage-2 checkpoint; repeat it to average several (an "
+                                             "ensemble); 'none' to skip (bundled models bring one)."),
             ensemble: list[str] = typer.Option(None, help="More stage-1 checkpoints to average with --model."),
             tta: bool = typer.Option(False, help="x8 test-time augmentation (8x slower)."),
             dedup: bool = typer.Option(False, help="Restore repeated frames once and copy the output back."),
@@ -641,8 +646,9 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
 @app.command()
 @handled
 def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e.g. basicvsrpp_c64n7_x1) or path."),
-          stage2: str = typer.Option("auto", help="auto (a bundled model's own stage 2, as `restore` runs it), "
-                                                  "none, or a stage-2 model (name, path)."),
+          stage2: list[str] = typer.Option(None, help="auto (the default: a bundled model's own stage 2, as "
+                                           "`restore` runs it), none, or a stage-2 model (name, path); repeat it "
+                                           "for an ensemble."),
           size: str = typer.Option("854x480", help="Input WIDTHxHEIGHT."),
           frames: int = typer.Option(30), chunk: int = typer.Option(32), overlap: int = typer.Option(8),
           warmup: int = typer.Option(0, help="Frames restored first and not timed (kernel set-up, first-touch "
@@ -667,16 +673,20 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
+    names = [n for n in stage2 or [] if n != "auto"]
     if model in bundled_models():  # a registered stage-2 name times that architecture (random weights, same speed)
-        s2 = None if stage2 == "auto" else (resolve(stage2) or "none")  # None: the bundled model's own
+        s2 = [resolve(n) or "none" for n in names] or None  # None: the bundled model's own
         r = make_restorer(model, s2, None, tta=False, dedup=False, device=device,
                           dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile,
                           channels_last=False if plain else None)
     else:
-        r = Restorer(resolve(model), resolve(stage2), device=device, dtype=dtype, chunk=chunk,
-                     overlap=min(overlap, chunk // 2), channels_last=False if plain else None, compile=compile)
-    res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": stage2, "plain": plain,
+        r = Restorer(resolve(model), [m for m in map(resolve, names) if m is not None] or None, device=device,
+                     dtype=dtype, chunk=chunk, overlap=min(overlap, chunk // 2),
+                     channels_last=False if plain else None, compile=compile)
+    label = names[0] if len(names) == 1 else names or "auto"
+    res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": label, "plain": plain,
                                                                      "stage2_used": r.stage2 is not None,
+                                                                     "stage2_members": len(r.stage2s),
                                                                      "compiled": r.compiled,
                                                                      "channels_last": r.channels_last}
     text = json.dumps(res, indent=1)

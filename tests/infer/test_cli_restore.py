@@ -62,6 +62,35 @@ def test_restore_single_file_and_refusals(tmp_path, small_frames):
     assert r.exit_code == 2 and "no such checkpoint" in r.output
 
 
+def test_restore_with_two_stage2_checkpoints_averages_them(tmp_path, small_frames):
+    """``--stage2`` repeated is a stage-2 ensemble: the CLI restores with it, and ``make_restorer`` hands the
+    Restorer both checkpoints; 'none' beside a checkpoint is refused."""
+    from vrestore.cli import make_restorer
+
+    src = tmp_path / "in.mkv"
+    with VideoWriter(src, codec="ffv1") as w:
+        for f in small_frames[:3, :32, :32]:
+            w.write(np.ascontiguousarray(f))
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"s2_{seed}.safetensors")
+        save(build("swinir_e24_color_dn"), paths[-1])
+    stage1 = str(_model(tmp_path))
+    out = tmp_path / "out.mkv"
+    r = runner.invoke(app, ["restore", str(src), "-o", str(out), "--model", stage1, "--dtype", "fp32",
+                            "--stage2", str(paths[0]), "--stage2", str(paths[1])])
+    assert r.exit_code == 0, r.output
+    assert sum(1 for _ in VideoReader(out)) == 3
+    kw = {"tta": False, "dedup": False, "device": "cpu", "dtype": "fp32", "chunk": 4, "overlap": 0, "tile": 0}
+    assert len(make_restorer(stage1, [str(p) for p in paths], None, **kw).stage2) == 2
+    assert make_restorer("qe", ["none"], None, **kw).stage2 is None
+    assert len(make_restorer("qe", ["qe:stage2", "qe-fast:stage2"], None, **kw).stage2) == 2  # bundled names
+    r = runner.invoke(app, ["restore", str(src), "-o", str(tmp_path / "o2.mkv"), "--model", stage1,
+                            "--stage2", "none", "--stage2", str(paths[0])])
+    assert r.exit_code == 2 and "cannot be given with" in r.output, r.output
+
+
 def test_bench_reports_json(tmp_path):
     r = runner.invoke(app, ["bench", "--model", "basicvsrpp_c16n2_x1", "--size", "64x48", "--frames", "3",
                             "--dtype", "fp32", "--chunk", "2", "--overlap", "1", "--json", str(tmp_path / "b.json")])
@@ -71,15 +100,17 @@ def test_bench_reports_json(tmp_path):
     assert not res["stage2_used"]
 
 
-@pytest.mark.parametrize("stage2,used,plain", [("auto", True, False), ("none", False, True),
-                                              ("swinir_t2_g3_color_dn", True, False)])  # run.py stage2_depth
-def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, used, plain):
-    r = runner.invoke(app, ["bench", "--model", "qe", "--stage2", stage2, "--size", "64x48", "--frames", "2",
-                            "--chunk", "2", "--overlap", "0", "--device", "cpu", "--json", str(tmp_path / "b.json")]
-                      + (["--plain"] if plain else []))
+@pytest.mark.parametrize("stage2,members,plain", [(["auto"], 1, False), (["none"], 0, True),
+                                                 (["swinir_t2_g3_color_dn"], 1, False),  # run.py stage2_depth
+                                                 (["qe:stage2", "qe-fast:stage2"], 2, False)])  # stage2_ensemble
+def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, members, plain):
+    r = runner.invoke(app, ["bench", "--model", "qe", *(a for s in stage2 for a in ("--stage2", s)), "--size",
+                            "64x48", "--frames", "2", "--chunk", "2", "--overlap", "0", "--device", "cpu",
+                            "--json", str(tmp_path / "b.json")] + (["--plain"] if plain else []))
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
-    assert res["stage2_used"] is used
+    assert res["stage2_members"] == members and res["stage2_used"] is (members > 0)
+    assert res["stage2"] == (stage2[0] if len(stage2) == 1 else stage2)
     assert res["channels_last"] is not plain  # --plain applies to bundled models too (on the CPU, else channels-last)
 
 

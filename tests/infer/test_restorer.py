@@ -79,6 +79,25 @@ def test_ensemble_averages_stage1_outputs(small_frames, random_model):
         _fp32([a, random_model("basicvsrpp_c16n2_x1")])
 
 
+def test_stage2_ensemble_averages_stage2_outputs_on_one_stage1_output(small_frames, random_model):
+    """Several stage 2s run on the same stage-1 output and their outputs are averaged (stage 1 runs once), with
+    and without stage-2 tiles."""
+    s1 = random_model("basicvsrpp_c16n2_x1")
+    a, b = random_model("swinir_e24_color_dn", 1), random_model("swinir_e24_color_dn", 2)
+    clip = torch.from_numpy(small_frames[:2, :32, :32]).permute(0, 3, 1, 2).float() / 255
+    ens = _fp32(s1, [a, b])
+    assert ens.stage2 == [a, b]
+    avg = (_fp32(s1, a).run_clip(clip) + _fp32(s1, b).run_clip(clip)) / 2
+    assert not torch.allclose(_fp32(s1, a).run_clip(clip), avg, atol=1e-3)  # the members differ
+    torch.testing.assert_close(ens.run_clip(clip), avg, atol=1e-6, rtol=0)
+    tiles = {"stage2_tile": 24, "tile_overlap": 8}  # the members' average is blended, tile by tile
+    tiled = (_fp32(s1, a, **tiles).run_clip(clip) + _fp32(s1, b, **tiles).run_clip(clip)) / 2
+    torch.testing.assert_close(_fp32(s1, [a, b], **tiles).run_clip(clip), tiled, atol=1e-6, rtol=0)
+    assert _fp32(s1, [a]).stage2 is a and _fp32(s1).stage2 is None
+    with pytest.raises(VrestoreError, match="keep the size"):
+        _fp32(s1, [a, random_model("basicvsrpp_c16n2_x4")])
+
+
 def test_chunked_stream_matches_whole_sequence(small_frames, random_model):
     m = random_model("basicvsrpp_c16n2_x1")
     frames = np.concatenate([small_frames, small_frames[::-1]])  # 24 real frames

@@ -1,5 +1,5 @@
 """The two-stage restorer: stage 1 (one or an ensemble of recurrent models),
-optional stage 2 frame by frame, optional x8 TTA around both, run over a
+optional stage 2 (one or an ensemble) frame by frame, optional x8 TTA around both, run over a
 stream of frames in overlapping temporal chunks and spatial tiles so memory
 does not grow with the video's length or size.
 """
@@ -109,7 +109,8 @@ class RestoreReport:
 
 class Restorer:
     """Chain stage 1 (one model, or several averaged: an ensemble), optional
-    stage 2 and optional x8 TTA; run it on clips, frame arrays or files.
+    stage 2 (one, or several averaged on the same stage-1 output) and optional
+    x8 TTA; run it on clips, frame arrays or files.
 
     ``chunk``/``overlap``: frames per temporal window of the recurrent model
     and frames shared by consecutive windows (blended linearly). ``tile``:
@@ -123,7 +124,7 @@ class Restorer:
     CPU cores, a few seconds for the sampling.
     """
 
-    def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | None = None, *,
+    def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | list[ModelSpec] | None = None, *,
                  tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
                  overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int = 0,
                  dedup: bool = False, channels_last: bool | None = None, backend: str = "auto",
@@ -147,30 +148,37 @@ class Restorer:
         if len(scales) != 1:
             raise VrestoreError(f"ensemble members have different scales {sorted(scales)}")
         self.scale = scales.pop()
-        self.stage2 = self._prepare(_as_model(stage2, backend, dev, chunk)) if stage2 is not None else None
-        if self.stage2 is not None and getattr(self.stage2, "scale", 1) != 1:
+        second = [] if stage2 is None else stage2 if isinstance(stage2, (list, tuple)) else [stage2]
+        self.stage2s = [self._prepare(_as_model(s, backend, dev, chunk)) for s in second]
+        if any(getattr(m, "scale", 1) != 1 for m in self.stage2s):
             raise VrestoreError("stage 2 must keep the size (a restoration SwinIR, upscale 1)")
-        self.compiled = compile and any(isinstance(m, nn.Module) for m in [*self.stage1, self.stage2])
+        self.compiled = compile and any(isinstance(m, nn.Module) for m in [*self.stage1, *self.stage2s])
         for i, m in enumerate(self.stage1 if compile else []):
             if isinstance(m, nn.Module):
                 # Stage 1: only the deformable convolutions' sampling (BasicVSR++'s compiled blocks measured
                 # slower, 0.36 -> 0.43 s per frame). A copy, so the caller's module keeps the default sampler.
                 self.stage1[i] = m = copy.deepcopy(m)
                 set_sampler(m, "auto")
-        if compile and isinstance(self.stage2, nn.Module):
-            # Stage 2 whole: the bundled SwinIR-T takes 0.75 s per 854x480 frame compiled against 0.81 eager
-            # (bf16, this project's CPU).
-            # A copy: the frozen graph holds the weights as they are now, and the caller's module stays eager.
-            self.stage2 = copy.deepcopy(self.stage2)
-            devmod.compile_units(self.stage2, inference=True)
+        for i, m in enumerate(self.stage2s if compile else []):
+            if isinstance(m, nn.Module):
+                # Stage 2 whole: the bundled SwinIR-T takes 0.75 s per 854x480 frame compiled against 0.81 eager
+                # (bf16, this project's CPU).
+                # A copy: the frozen graph holds the weights as they are now, and the caller's module stays eager.
+                self.stage2s[i] = m = copy.deepcopy(m)
+                devmod.compile_units(m, inference=True)
         if chunk < 2 or not 0 <= overlap <= chunk // 2:
             raise VrestoreError(f"need --chunk >= 2 and 0 <= --overlap <= chunk/2 (got {chunk}, {overlap})")
         self.tta, self.chunk, self.overlap = tta, chunk, overlap
         self.tile, self.tile_overlap, self.stage2_tile = tile, tile_overlap, stage2_tile
         self.dedup = dedup
-        ort = [m for m in [*self.stage1, self.stage2] if m is not None and not isinstance(m, nn.Module)]
+        ort = [m for m in [*self.stage1, *self.stage2s] if not isinstance(m, nn.Module)]
         self.engine = (f"onnxruntime {ort[0].session.get_providers()[0]} float32" if ort
                        else f"torch {self.precision}{', compiled' if self.compiled else ''}")
+
+    @property
+    def stage2(self):
+        """The stage-2 model, the list of an ensemble's members, or None."""
+        return None if not self.stage2s else self.stage2s[0] if len(self.stage2s) == 1 else self.stage2s
 
     def _prepare(self, m):
         if not isinstance(m, nn.Module):  # an ONNX Runtime graph
@@ -193,17 +201,26 @@ class Restorer:
         return acc / len(self.stage1)
 
     def _stage2(self, frames: torch.Tensor) -> torch.Tensor:
-        if self.stage2 is None:
+        """Each frame through stage 2; an ensemble's members see the same frame
+        and their float outputs are averaged."""
+        if not self.stage2s:
             return frames
         out = torch.empty_like(frames)
+
+        def run(t: torch.Tensor) -> torch.Tensor:
+            acc = None
+            for m in self.stage2s:
+                y = m(t).float()
+                acc = y if acc is None else acc + y
+            return acc / len(self.stage2s)
+
         for i in range(frames.shape[0]):
             x = frames[i: i + 1].contiguous()  # one layout, so a compiled stage 2 does not recompile per stride
             with self.precision.autocast():
                 if self.stage2_tile:
-                    out[i: i + 1] = self._tiled(lambda t: self.stage2(t).float(), x, self.stage2_tile,
-                                                self.tile_overlap, 1)
+                    out[i: i + 1] = self._tiled(run, x, self.stage2_tile, self.tile_overlap, 1)
                 else:
-                    out[i: i + 1] = self.stage2(x).float()
+                    out[i: i + 1] = run(x)
         return out
 
     def _tiled(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
