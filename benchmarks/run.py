@@ -8,6 +8,8 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py bundled    # the bundled same-size models as `restore` runs them, 854x480
+    python benchmarks/run.py stage2_depth   # bundled pipelines vs stage 2s grown by a third group, 854x480
+    python benchmarks/run.py quality_modes  # stage-2 TTA (2, 8) and stage-2 ensembles vs the bundled, 854x480
     python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
     python benchmarks/run.py chunks     # chunked vs whole-sequence outputs (bundled model), per frame
     python benchmarks/run.py onnx       # onnxruntime (CPU) vs torch fp32 and bf16, per stage, 960x536
@@ -253,11 +255,11 @@ def speed() -> None:
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
 
 
-def _at_target_size(model: str, *stage2: str) -> dict:
+def _at_target_size(model: str, *stage2: str, extra: tuple[str, ...] = ()) -> dict:
     """`vrestore bench` of one pipeline at 854x480 (the speed target's size), 20 frames after 4 of warm-up;
-    several stage 2s are an ensemble."""
+    several stage 2s are an ensemble; ``extra``: more `bench` options."""
     return _subprocess(["--model", model, *(a for s in stage2 for a in ("--stage2", s)), "--size", "854x480",
-                        "--frames", "20", "--warmup", "4"])
+                        "--frames", "20", "--warmup", "4", *extra])
 
 
 def bundled() -> None:
@@ -283,15 +285,18 @@ def stage2_depth() -> None:
     _save("stage2_depth", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
 
-def stage2_ensemble() -> None:
-    """The bundled pipelines against `qe`'s stage 1 followed by both bundled stage 2s averaged (a stage-2
-    ensemble), 854x480, one after the other so the rows compare."""
+def quality_modes() -> None:
+    """What the held-out clips' slower modes cost: the bundled pipelines, `qe`'s stage 1 followed by both
+    bundled stage 2s averaged (a stage-2 ensemble), and `qe-fast` with 2 and 8 TTA transforms around stage 2
+    alone; 854x480, one after the other so the rows compare."""
     rows = []
-    for model, stage2 in (("qe", ("auto",)), ("qe-fast", ("auto",)), ("qe", ("qe:stage2", "qe-fast:stage2"))):
-        r = _at_target_size(model, *stage2)
-        rows.append({"model": model, "stage2": " + ".join(stage2), "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
-                     "precision": r["precision"]})
-    _save("stage2_ensemble", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+    for model, stage2, tta in (("qe", ("auto",), 1), ("qe-fast", ("auto",), 1),
+                               ("qe", ("qe:stage2", "qe-fast:stage2"), 1), ("qe-fast", ("auto",), 2),
+                               ("qe-fast", ("auto",), 8)):
+        r = _at_target_size(model, *stage2, extra=("--stage2-tta", str(tta)))
+        rows.append({"model": model, "stage2": " + ".join(stage2), "stage2_tta": tta, "fps": r["fps"],
+                     "sec_per_frame": 1 / r["fps"], "precision": r["precision"]})
+    _save("quality_modes", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
 
 def gpu() -> None:
@@ -552,7 +557,7 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
-           "bundled": bundled, "stage2_depth": stage2_depth, "stage2_ensemble": stage2_ensemble,
+           "bundled": bundled, "stage2_depth": stage2_depth, "quality_modes": quality_modes,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]

@@ -78,7 +78,8 @@ def score(gt: dict, pred: dict) -> dict:
 
 
 def main(task: str, stage1: Path | None = None, stage2: list[Path] | None = None, tta: bool = False,
-         classical_grid: bool = True, out: Path | None = None, stage1_only: bool = False) -> None:
+         classical_grid: bool = True, out: Path | None = None, stage1_only: bool = False,
+         stage2_tta: int = 1) -> None:
     scale = {"qe": 1, "x4": 4}[task]
     data = ROOT / "data"
     clean = data / "clean_test"
@@ -100,13 +101,15 @@ def main(task: str, stage1: Path | None = None, stage2: list[Path] | None = None
         rows["best classical filter"] = {"name": best, **rows[best]}
     s1, s2 = stage1 or bundled_path(task), None if stage1_only else stage2 or bundled_path(f"{task}:stage2")
     s2 = None if s2 is None else [s2] if isinstance(s2, Path) else list(s2)
-    variants = [("stage 1", None, False)]
+    variants = [("stage 1", None, False, 1)]
     if s2 is not None:  # bundled or given
-        variants.append(("stage 1 + stage 2", s2, False))
+        variants.append(("stage 1 + stage 2", s2, False, 1))
+    if s2 is not None and stage2_tta > 1:
+        variants.append((f"stage 1 + stage 2 with x{stage2_tta} stage-2 TTA", s2, False, stage2_tta))
     if tta:
-        variants.append(("all stages + x8 TTA", s2, True))
-    for label, second, with_tta in variants:
-        r = Restorer(s1, second, tta=with_tta, chunk=60)
+        variants.append(("all stages + x8 TTA", s2, True, 1))
+    for label, second, with_tta, n_tta in variants:
+        r = Restorer(s1, second, tta=with_tta, chunk=60, stage2_tta=n_tta)
         t = time.perf_counter()
         pred = {k: np.stack(list(r.stream(list(v), pqfs[k]))) for k, v in lq.items()}
         dt = time.perf_counter() - t
@@ -132,9 +135,11 @@ if __name__ == "__main__":
                     help="stage-2 checkpoint(s); several are averaged, an ensemble (default: the bundled one, if any)")
     ap.add_argument("--no-classical", action="store_true", help="skip the classical filter grid (qe; slow at 720p)")
     ap.add_argument("--out", type=Path, help="JSON to write (default: experiments/results/model_card_<task>.json)")
+    ap.add_argument("--stage2-tta", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="also both stages with this many TTA transforms around stage 2 alone")
     ap.add_argument("--stage1-only", action="store_true", help="no stage 2 rows (a stage-1 run judged alone)")
     a = ap.parse_args()
-    if a.stage1_only and (a.stage2 or a.tta):
-        ap.error("--stage1-only leaves out stage 2: not with --stage2 or --tta")
+    if a.stage1_only and (a.stage2 or a.tta or a.stage2_tta > 1):
+        ap.error("--stage1-only leaves out stage 2: not with --stage2, --tta or --stage2-tta")
     main(a.task, a.stage1, a.stage2, tta=a.tta, classical_grid=not a.no_classical, out=a.out,
-         stage1_only=a.stage1_only)
+         stage1_only=a.stage1_only, stage2_tta=a.stage2_tta)

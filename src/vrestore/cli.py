@@ -306,7 +306,7 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
 
 def make_restorer(model: str, stage2: object | list[object] | None, ensemble: list[str] | None, *, tta: bool,
                   dedup: bool, device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto",
-                  compile: bool = False, channels_last: bool | None = None):
+                  compile: bool = False, channels_last: bool | None = None, stage2_tta: int = 1):
     """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer; several stage-2
     checkpoints are an ensemble (their outputs averaged), 'none' skips stage 2."""
     from .infer.restorer import Restorer
@@ -324,7 +324,8 @@ def make_restorer(model: str, stage2: object | list[object] | None, ensemble: li
             raise VrestoreError("--stage2 none skips stage 2: it cannot be given with other stage-2 checkpoints")
         second = []
     return Restorer(stage1, second or None, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap,
-                    tile=tile, dedup=dedup, backend=backend, compile=compile, channels_last=channels_last)
+                    tile=tile, dedup=dedup, backend=backend, compile=compile, channels_last=channels_last,
+                    stage2_tta=stage2_tta)
 
 
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}
@@ -409,6 +410,9 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
                                              "ensemble); 'none' to skip (bundled models bring one)."),
             ensemble: list[str] = typer.Option(None, help="More stage-1 checkpoints to average with --model."),
             tta: bool = typer.Option(False, help="x8 test-time augmentation (8x slower)."),
+            stage2_tta: int = typer.Option(1, "--stage2-tta", help="1, 2, 4 or 8 test-time transforms around "
+                                           "stage 2 only (stage 1 runs once); 2 gave half of --tta's gain on the "
+                                           "held-out clips (docs/models.md)."),
             dedup: bool = typer.Option(False, help="Restore repeated frames once and copy the output back."),
             pqf: str = typer.Option("auto", help="auto (from packet sizes), none, or e.g. 0,4,8,12."),
             device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
@@ -435,7 +439,8 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
     if not src.exists():
         raise VrestoreError(f"{src}: no such file or directory")
     restorer = make_restorer(model, stage2, ensemble, tta=tta, dedup=dedup, device=device, dtype=dtype,
-                             chunk=chunk, overlap=overlap, tile=tile, backend=backend, compile=compile)
+                             chunk=chunk, overlap=overlap, tile=tile, backend=backend, compile=compile,
+                             stage2_tta=stage2_tta)
     pqfs = _parse_pqfs(pqf)
     raw = _raw_spec(size, pix_fmt, fps)
     is_batch = src.is_dir() and not any(src.glob("*.png"))
@@ -658,6 +663,7 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
           compile: bool = typer.Option(False, "--compile", help="torch.compile as `restore --compile` (stage 2, "
                                        "stage 1's DCN sampling); the compilation happens in the warm-up frames."),
+          stage2_tta: int = typer.Option(1, "--stage2-tta", help="As `restore --stage2-tta`."),
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
     from .infer.bench import bench as run_bench
@@ -678,15 +684,16 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
         s2 = [resolve(n) or "none" for n in names] or None  # None: the bundled model's own
         r = make_restorer(model, s2, None, tta=False, dedup=False, device=device,
                           dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile,
-                          channels_last=False if plain else None)
+                          channels_last=False if plain else None, stage2_tta=stage2_tta)
     else:
         r = Restorer(resolve(model), [m for m in map(resolve, names) if m is not None] or None, device=device,
                      dtype=dtype, chunk=chunk, overlap=min(overlap, chunk // 2),
-                     channels_last=False if plain else None, compile=compile)
+                     channels_last=False if plain else None, compile=compile, stage2_tta=stage2_tta)
     label = names[0] if len(names) == 1 else names or "auto"
     res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": label, "plain": plain,
                                                                      "stage2_used": r.stage2 is not None,
                                                                      "stage2_members": len(r.stage2s),
+                                                                     "stage2_tta": len(r.stage2_transforms),
                                                                      "compiled": r.compiled,
                                                                      "channels_last": r.channels_last}
     text = json.dumps(res, indent=1)

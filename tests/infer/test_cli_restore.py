@@ -62,9 +62,10 @@ def test_restore_single_file_and_refusals(tmp_path, small_frames):
     assert r.exit_code == 2 and "no such checkpoint" in r.output
 
 
-def test_restore_with_two_stage2_checkpoints_averages_them(tmp_path, small_frames):
-    """``--stage2`` repeated is a stage-2 ensemble: the CLI restores with it, and ``make_restorer`` hands the
-    Restorer both checkpoints; 'none' beside a checkpoint is refused."""
+def test_restore_with_two_stage2_checkpoints_and_stage2_tta(tmp_path, small_frames):
+    """``--stage2`` repeated is a stage-2 ensemble: the CLI restores with it (and with ``--stage2-tta``), and
+    ``make_restorer`` hands the Restorer both checkpoints; 'none' beside a checkpoint, and a transform count that
+    is not 1, 2, 4 or 8, are refused."""
     from vrestore.cli import make_restorer
 
     src = tmp_path / "in.mkv"
@@ -79,11 +80,15 @@ def test_restore_with_two_stage2_checkpoints_averages_them(tmp_path, small_frame
     stage1 = str(_model(tmp_path))
     out = tmp_path / "out.mkv"
     r = runner.invoke(app, ["restore", str(src), "-o", str(out), "--model", stage1, "--dtype", "fp32",
-                            "--stage2", str(paths[0]), "--stage2", str(paths[1])])
+                            "--stage2", str(paths[0]), "--stage2", str(paths[1]), "--stage2-tta", "2"])
     assert r.exit_code == 0, r.output
     assert sum(1 for _ in VideoReader(out)) == 3
+    r = runner.invoke(app, ["restore", str(src), "-o", str(tmp_path / "o3.mkv"), "--model", stage1,
+                            "--stage2", str(paths[0]), "--stage2-tta", "3"])
+    assert r.exit_code == 2 and "1, 2, 4, 8 transforms" in r.output, r.output
     kw = {"tta": False, "dedup": False, "device": "cpu", "dtype": "fp32", "chunk": 4, "overlap": 0, "tile": 0}
     assert len(make_restorer(stage1, [str(p) for p in paths], None, **kw).stage2) == 2
+    assert make_restorer(stage1, str(paths[0]), None, stage2_tta=4, **kw).stage2_transforms == (0, 2, 4, 6)
     assert make_restorer("qe", ["none"], None, **kw).stage2 is None
     assert len(make_restorer("qe", ["qe:stage2", "qe-fast:stage2"], None, **kw).stage2) == 2  # bundled names
     r = runner.invoke(app, ["restore", str(src), "-o", str(tmp_path / "o2.mkv"), "--model", stage1,
@@ -100,16 +105,18 @@ def test_bench_reports_json(tmp_path):
     assert not res["stage2_used"]
 
 
-@pytest.mark.parametrize("stage2,members,plain", [(["auto"], 1, False), (["none"], 0, True),
-                                                 (["swinir_t2_g3_color_dn"], 1, False),  # run.py stage2_depth
-                                                 (["qe:stage2", "qe-fast:stage2"], 2, False)])  # stage2_ensemble
-def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, members, plain):
+@pytest.mark.parametrize("stage2,members,plain,tta", [(["auto"], 1, False, 1), (["none"], 0, True, 1),
+                                                     (["swinir_t2_g3_color_dn"], 1, False, 1),  # stage2_depth
+                                                     (["qe:stage2", "qe-fast:stage2"], 2, False, 1),  # ensemble
+                                                     (["auto"], 1, False, 2)])  # stage-2 TTA
+def test_bench_of_a_bundled_model_runs_its_stage_2_as_restore_does(tmp_path, stage2, members, plain, tta):
     r = runner.invoke(app, ["bench", "--model", "qe", *(a for s in stage2 for a in ("--stage2", s)), "--size",
                             "64x48", "--frames", "2", "--chunk", "2", "--overlap", "0", "--device", "cpu",
-                            "--json", str(tmp_path / "b.json")] + (["--plain"] if plain else []))
+                            "--stage2-tta", str(tta), "--json", str(tmp_path / "b.json")]
+                      + (["--plain"] if plain else []))
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
-    assert res["stage2_members"] == members and res["stage2_used"] is (members > 0)
+    assert res["stage2_members"] == members and res["stage2_used"] is (members > 0) and res["stage2_tta"] == tta
     assert res["stage2"] == (stage2[0] if len(stage2) == 1 else stage2)
     assert res["channels_last"] is not plain  # --plain applies to bundled models too (on the CPU, else channels-last)
 

@@ -98,6 +98,31 @@ def test_stage2_ensemble_averages_stage2_outputs_on_one_stage1_output(small_fram
         _fp32(s1, [a, random_model("basicvsrpp_c16n2_x4")])
 
 
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_stage2_tta_averages_transformed_stage2_runs_on_one_stage1_output(small_frames, random_model, n):
+    """Stage-2 TTA: stage 1 runs once, stage 2 on each transform of its output, inverted and averaged (and each
+    ensemble member under each transform)."""
+    from vrestore.infer.restorer import STAGE2_TTA
+
+    s1 = random_model("basicvsrpp_c16n2_x1")
+    a, b = random_model("swinir_e24_color_dn", 1), random_model("swinir_e24_color_dn", 2)
+    clip = torch.from_numpy(small_frames[:2, :32, :40]).permute(0, 3, 1, 2).float() / 255  # not square
+    with torch.no_grad():
+        y1 = s1(clip.unsqueeze(0))[0]
+        manual = torch.stack([tta_inverse(m(tta_forward(y1, k)), k) for k in STAGE2_TTA[n] for m in (a, b)]).mean(0)
+    assert len(STAGE2_TTA[n]) == n and STAGE2_TTA[n][0] == 0
+    torch.testing.assert_close(_fp32(s1, [a, b], stage2_tta=n).run_clip(clip), manual, atol=1e-5, rtol=0)
+    assert not torch.allclose(_fp32(s1, a, stage2_tta=n).run_clip(clip), _fp32(s1, a).run_clip(clip), atol=1e-3)
+
+
+def test_stage2_tta_refusals(random_model):
+    s1 = random_model("basicvsrpp_c16n2_x1")
+    with pytest.raises(VrestoreError, match="takes 1, 2, 4, 8 transforms"):
+        _fp32(s1, random_model("swinir_e24_color_dn"), stage2_tta=3)
+    with pytest.raises(VrestoreError, match="not both"):
+        _fp32(s1, random_model("swinir_e24_color_dn"), tta=True, stage2_tta=2)
+
+
 def test_chunked_stream_matches_whole_sequence(small_frames, random_model):
     m = random_model("basicvsrpp_c16n2_x1")
     frames = np.concatenate([small_frames, small_frames[::-1]])  # 24 real frames

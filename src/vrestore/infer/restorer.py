@@ -73,6 +73,10 @@ def tta_inverse(y: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(y, -(k % 4), dims=(-2, -1))
 
 
+# Transforms of stage-2 TTA by count: identity, then a flip, then the half turn and its flip, then all eight.
+STAGE2_TTA = {1: (0,), 2: (0, 4), 4: (0, 2, 4, 6), 8: tuple(range(8))}
+
+
 # ---------------------------------------------------------------------------
 # Blending weights
 
@@ -112,6 +116,11 @@ class Restorer:
     stage 2 (one, or several averaged on the same stage-1 output) and optional
     x8 TTA; run it on clips, frame arrays or files.
 
+    ``tta``: x8 TTA around both stages. ``stage2_tta``: 1, 2, 4 or 8
+    transforms around stage 2 only (``STAGE2_TTA``), stage 1 running once:
+    the bundled stage 1 barely changes its input, so x8 TTA spends most of its
+    time where nothing is gained (docs/models.md, "Cheaper than x8 TTA").
+
     ``chunk``/``overlap``: frames per temporal window of the recurrent model
     and frames shared by consecutive windows (blended linearly). ``tile``:
     split frames larger than ``tile`` x ``tile`` input pixels into tiles that
@@ -128,7 +137,7 @@ class Restorer:
                  tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
                  overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int = 0,
                  dedup: bool = False, channels_last: bool | None = None, backend: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, stage2_tta: int = 1):
         specs = stage1 if isinstance(stage1, (list, tuple)) else [stage1]
         if not specs:
             raise VrestoreError("at least one stage-1 model is needed")
@@ -168,7 +177,12 @@ class Restorer:
                 devmod.compile_units(m, inference=True)
         if chunk < 2 or not 0 <= overlap <= chunk // 2:
             raise VrestoreError(f"need --chunk >= 2 and 0 <= --overlap <= chunk/2 (got {chunk}, {overlap})")
+        if stage2_tta not in STAGE2_TTA:
+            raise VrestoreError(f"stage-2 TTA takes {', '.join(map(str, STAGE2_TTA))} transforms, got {stage2_tta}")
+        if tta and stage2_tta > 1:
+            raise VrestoreError("x8 TTA already transforms stage 2: use TTA or stage-2 TTA, not both")
         self.tta, self.chunk, self.overlap = tta, chunk, overlap
+        self.stage2_transforms = STAGE2_TTA[stage2_tta]
         self.tile, self.tile_overlap, self.stage2_tile = tile, tile_overlap, stage2_tile
         self.dedup = dedup
         ort = [m for m in [*self.stage1, *self.stage2s] if not isinstance(m, nn.Module)]
@@ -201,18 +215,20 @@ class Restorer:
         return acc / len(self.stage1)
 
     def _stage2(self, frames: torch.Tensor) -> torch.Tensor:
-        """Each frame through stage 2; an ensemble's members see the same frame
-        and their float outputs are averaged."""
+        """Each frame through stage 2; an ensemble's members (and the stage-2
+        TTA transforms) see the same frame and their float outputs are averaged."""
         if not self.stage2s:
             return frames
         out = torch.empty_like(frames)
 
         def run(t: torch.Tensor) -> torch.Tensor:
             acc = None
-            for m in self.stage2s:
-                y = m(t).float()
-                acc = y if acc is None else acc + y
-            return acc / len(self.stage2s)
+            for k in self.stage2_transforms:
+                x = tta_forward(t, k).contiguous() if k else t
+                for m in self.stage2s:
+                    y = tta_inverse(m(x).float(), k) if k else m(x).float()
+                    acc = y if acc is None else acc + y
+            return acc / (len(self.stage2s) * len(self.stage2_transforms))
 
         for i in range(frames.shape[0]):
             x = frames[i: i + 1].contiguous()  # one layout, so a compiled stage 2 does not recompile per stride
