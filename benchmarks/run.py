@@ -273,30 +273,31 @@ def bundled() -> None:
     _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
 
+def _pipelines(name: str, cases: list[tuple[str, tuple[str, ...], int]]) -> None:
+    """Time each (model, stage 2s, stage-2 TTA transforms) at 854x480, one after the other so the rows
+    compare, and save them as ``name``."""
+    rows = []
+    for model, stage2, tta in cases:
+        r = _at_target_size(model, *stage2, extra=("--stage2-tta", str(tta)))
+        rows.append({"model": model, "stage2": " + ".join(stage2), "stage2_tta": tta, "fps": r["fps"],
+                     "sec_per_frame": 1 / r["fps"], "precision": r["precision"]})
+    _save(name, {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+
+
 def stage2_depth() -> None:
     """The bundled pipelines against the same stage 1 with each stage 2 grown by a third residual group
-    (random weights: the speed is the architecture's), 854x480, one after the other so the rows compare."""
-    rows = []
-    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe", "swinir_t2_g3_color_dn"),
-                          ("qe", "swinir_t_g3_color_dn")):
-        r = _at_target_size(model, stage2)
-        rows.append({"model": model, "stage2": stage2, "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
-                     "precision": r["precision"]})
-    _save("stage2_depth", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+    (random weights: the speed is the architecture's)."""
+    _pipelines("stage2_depth", [("qe", ("auto",), 1), ("qe-fast", ("auto",), 1),
+                                ("qe", ("swinir_t2_g3_color_dn",), 1), ("qe", ("swinir_t_g3_color_dn",), 1)])
 
 
 def quality_modes() -> None:
     """What the held-out clips' slower modes cost: the bundled pipelines, `qe`'s stage 1 followed by both
     bundled stage 2s averaged (a stage-2 ensemble), and `qe-fast` with 2 and 8 TTA transforms around stage 2
-    alone; 854x480, one after the other so the rows compare."""
-    rows = []
-    for model, stage2, tta in (("qe", ("auto",), 1), ("qe-fast", ("auto",), 1),
-                               ("qe", ("qe:stage2", "qe-fast:stage2"), 1), ("qe-fast", ("auto",), 2),
-                               ("qe-fast", ("auto",), 8)):
-        r = _at_target_size(model, *stage2, extra=("--stage2-tta", str(tta)))
-        rows.append({"model": model, "stage2": " + ".join(stage2), "stage2_tta": tta, "fps": r["fps"],
-                     "sec_per_frame": 1 / r["fps"], "precision": r["precision"]})
-    _save("quality_modes", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+    alone."""
+    _pipelines("quality_modes", [("qe", ("auto",), 1), ("qe-fast", ("auto",), 1),
+                                 ("qe", ("qe:stage2", "qe-fast:stage2"), 1), ("qe-fast", ("auto",), 2),
+                                 ("qe-fast", ("auto",), 8)])
 
 
 def gpu() -> None:

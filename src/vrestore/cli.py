@@ -14,6 +14,7 @@ import logging
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -30,6 +31,9 @@ from rich.table import Table
 
 from .errors import VrestoreError
 from .weights import bundled_models
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command needs it
+    from .infer.restorer import ModelSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore compressed video (BasicVSR++ + SwinIR, the NTIRE 2022 recipe).")
@@ -304,11 +308,12 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
         raise VrestoreError(f"--pqf must be auto, none or comma-separated frame indices, got {pqf!r}") from None
 
 
-def make_restorer(model: str, stage2: object | list[object] | None, ensemble: list[str] | None, *, tta: bool,
-                  dedup: bool, device: str, dtype: str, chunk: int, overlap: int, tile: int, backend: str = "auto",
-                  compile: bool = False, channels_last: bool | None = None, stage2_tta: int = 1):
-    """Resolve model names/paths (a bundled name brings its own stage 2) into a Restorer; several stage-2
-    checkpoints are an ensemble (their outputs averaged), 'none' skips stage 2."""
+def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, ensemble: list[str] | None, *,
+                  tta: bool, dedup: bool, device: str, dtype: str, chunk: int, overlap: int, tile: int,
+                  backend: str = "auto", compile: bool = False, channels_last: bool | None = None,
+                  stage2_tta: int = 1):
+    """Resolve model names/paths (a bundled name brings its own stage 2) or modules into a Restorer; several
+    stage-2 checkpoints are an ensemble (their outputs averaged), 'none' skips stage 2."""
     from .infer.restorer import Restorer
     from .weights import bundled_path
 
@@ -667,7 +672,6 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
     from .infer.bench import bench as run_bench
-    from .infer.restorer import Restorer
     from .models import build, list_models
 
     def resolve(name: str | None):
@@ -680,15 +684,11 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
     except ValueError:
         raise VrestoreError(f"--size must look like 854x480, got {size!r}") from None
     names = [n for n in stage2 or [] if n != "auto"]
-    if model in bundled_models():  # a registered stage-2 name times that architecture (random weights, same speed)
-        s2 = [resolve(n) or "none" for n in names] or None  # None: the bundled model's own
-        r = make_restorer(model, s2, None, tta=False, dedup=False, device=device,
-                          dtype=dtype, chunk=chunk, overlap=overlap, tile=0, compile=compile,
-                          channels_last=False if plain else None, stage2_tta=stage2_tta)
-    else:
-        r = Restorer(resolve(model), [m for m in map(resolve, names) if m is not None] or None, device=device,
-                     dtype=dtype, chunk=chunk, overlap=min(overlap, chunk // 2),
-                     channels_last=False if plain else None, compile=compile, stage2_tta=stage2_tta)
+    # a bundled name brings its own stage 2 unless --stage2 names one; a registered size (stage 1 or 2) is
+    # built with random weights: the same arithmetic, so the same speed
+    r = make_restorer(resolve(model), [resolve(n) or "none" for n in names] or None, None, tta=False, dedup=False,
+                      device=device, dtype=dtype, chunk=chunk, overlap=min(overlap, chunk // 2), tile=0,
+                      compile=compile, channels_last=False if plain else None, stage2_tta=stage2_tta)
     label = names[0] if len(names) == 1 else names or "auto"
     res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": label, "plain": plain,
                                                                      "stage2_used": r.stage2 is not None,

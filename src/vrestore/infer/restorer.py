@@ -226,7 +226,8 @@ class Restorer:
             for k in self.stage2_transforms:
                 x = tta_forward(t, k).contiguous() if k else t
                 for m in self.stage2s:
-                    y = tta_inverse(m(x).float(), k) if k else m(x).float()
+                    y = m(x).float()
+                    y = tta_inverse(y, k) if k else y
                     acc = y if acc is None else acc + y
             return acc / (len(self.stage2s) * len(self.stage2_transforms))
 
