@@ -315,15 +315,21 @@ def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, 
     """Resolve model names/paths (a bundled name brings its own stage 2) or modules into a Restorer; several
     stage-2 checkpoints are an ensemble (their outputs averaged), 'none' skips stage 2."""
     from .infer.restorer import Restorer
-    from .weights import bundled_path
+    from .weights import bundled_path, bundled_paths
 
     stage1 = [model] + list(ensemble or [])
     second = list(stage2) if isinstance(stage2, (list, tuple)) else [] if stage2 is None else [stage2]
+
+    def files(spec: ModelSpec) -> list[ModelSpec]:
+        """A bundled stage-2 name (``qe:stage2``) stands for its files: several for a bundled ensemble."""
+        found = bundled_paths(spec) if isinstance(spec, str) and ":" in spec and not Path(spec).exists() else []
+        return [str(f) for f in found] or [spec]
+
+    second = [f for s in second for f in files(s)]
     if model in bundled_models():
         stage1[0] = str(bundled_path(model) or model)
         if not second:
-            s2 = bundled_path(f"{model}:stage2")
-            second = [str(s2)] if s2 else []
+            second = [str(p) for p in bundled_paths(f"{model}:stage2")]
     if any(s in ("none", "") for s in second):
         if len(second) > 1:
             raise VrestoreError("--stage2 none skips stage 2: it cannot be given with other stage-2 checkpoints")

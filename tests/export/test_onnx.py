@@ -91,17 +91,27 @@ def test_mirror_fills_short_clips_in_time():
     assert _mirror(4, 4) == [0, 1, 2, 3]
 
 
-def test_onnxruntime_restorer_streams_like_torch(tmp_path, small_frames, random_model):
-    """Chunks, blending, TTA and stage 2 around exported graphs give the torch result."""
+@pytest.mark.parametrize("mode", ["tta", "stage2_ensemble_tta4"])
+def test_onnxruntime_restorer_streams_like_torch(tmp_path, small_frames, random_model, mode):
+    """Chunks, blending, TTA and stage 2 around exported graphs give the torch result; so do a stage-2
+    ensemble and stage-2 TTA with quarter turns (the exported stage 2 takes the frame transposed, W x H)."""
     s1 = random_model("basicvsrpp_c16n2_x1", pqf_propagation=True)
-    s2 = random_model("swinir_e24_color_dn", seed=1)
+    s2 = [random_model("swinir_e24_color_dn", seed=1)]
     export_onnx(s1, tmp_path / "s1.onnx", frames=4)
-    export_onnx(s2, tmp_path / "s2.onnx")
+    kw = dict(device="cpu", dtype="fp32", chunk=4, overlap=2)
+    if mode == "tta":
+        kw["tta"] = True
+    else:
+        s2.append(random_model("swinir_e24_color_dn", seed=2))
+        kw["stage2_tta"] = 4
+    onnx2 = [str(tmp_path / f"s2_{i}.onnx") for i in range(len(s2))]
+    for m, path in zip(s2, onnx2, strict=True):
+        export_onnx(m, path)
     frames = small_frames[:10, :40, :56]
-    kw = dict(device="cpu", dtype="fp32", chunk=4, overlap=2, tta=True)
     want = Restorer(s1, s2, **kw).restore_frames(frames, pqfs=[0, 4, 8])
-    r = Restorer(str(tmp_path / "s1.onnx"), str(tmp_path / "s2.onnx"), backend="onnxruntime", **kw)
+    r = Restorer(str(tmp_path / "s1.onnx"), onnx2, backend="onnxruntime", **kw)
     assert r.engine.startswith("onnxruntime") and r.chunk == 4
+    assert len(r.stage2s) == len(s2) and len(r.stage2_transforms) == (4 if mode != "tta" else 1)
     got = r.restore_frames(frames, pqfs=[0, 4, 8])
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

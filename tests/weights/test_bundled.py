@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 import vrestore
+import vrestore.weights
 from vrestore import metrics
+from vrestore.errors import VrestoreError
 from vrestore.infer.restorer import Restorer
 from vrestore.video.degrade import bicubic_upscale, degrade_video
 from vrestore.video.io import VideoReader
-from vrestore.weights import bundled_models, bundled_path
+from vrestore.weights import bundled_models, bundled_path, bundled_paths
 
 SAMPLE = Path(vrestore.__file__).parent / "assets" / "bbb_demo.mp4"
 
@@ -29,9 +31,39 @@ def test_bundled_model_is_registered_and_matches_its_entry(name):
             assert entry[key].endswith(".yaml") and (Path(__file__).parents[2] / entry[key]).is_file()
 
 
+def test_a_bundled_stage2_list_is_an_ensemble(tmp_path, monkeypatch, random_model):
+    """A models.json entry whose stage 2 is a list of files is a stage-2 ensemble: ``bundled_paths`` gives the
+    files in order, ``make_restorer`` runs them all (by the model's name or by ``NAME:stage2``), and
+    ``bundled_path``, which returns one file, refuses it by name; a file missing from the install hides the
+    entry's part rather than half of an ensemble."""
+    from vrestore.cli import make_restorer
+    from vrestore.models import save
+
+    save(random_model("basicvsrpp_c16n2_x1"), tmp_path / "s1.safetensors")
+    for i in (1, 2):
+        save(random_model("swinir_e24_color_dn", seed=i), tmp_path / f"s2_{i}.safetensors")
+    entries = {"ens": {"stage1": "s1.safetensors", "stage2": ["s2_1.safetensors", "s2_2.safetensors"], "scale": 1},
+               "one": {"stage1": "s1.safetensors", "stage2": "s2_1.safetensors", "scale": 1},
+               "lost": {"stage1": "s1.safetensors", "stage2": ["s2_1.safetensors", "gone.safetensors"], "scale": 1}}
+    (tmp_path / "models.json").write_text(__import__("json").dumps(entries))
+    monkeypatch.setattr(vrestore.weights, "HERE", tmp_path)
+    assert bundled_paths("ens:stage2") == [tmp_path / "s2_1.safetensors", tmp_path / "s2_2.safetensors"]
+    assert bundled_paths("one:stage2") == [tmp_path / "s2_1.safetensors"] == [bundled_path("one:stage2")]
+    assert bundled_paths("lost:stage2") == [] and bundled_path("lost:stage2") is None
+    assert bundled_path("ens") == tmp_path / "s1.safetensors" and bundled_paths("x4") == []
+    with pytest.raises(VrestoreError, match="ensemble of 2 stage-2 files .*s2_1.safetensors, s2_2"):
+        bundled_path("ens:stage2")
+    with pytest.raises(VrestoreError, match="ensemble of 2"):
+        vrestore.load("ens:stage2")
+    kw = {"tta": False, "dedup": False, "device": "cpu", "dtype": "fp32", "chunk": 4, "overlap": 0, "tile": 0}
+    assert len(make_restorer("ens", None, None, **kw).stage2s) == 2
+    assert len(make_restorer("one", ["ens:stage2"], None, **kw).stage2s) == 2
+    assert len(make_restorer("ens", ["one:stage2"], None, **kw).stage2s) == 1
+
+
 def test_bundled_weights_fit_the_25_mb_budget():
     """The issue's limit for the package's weights together (a file two models share counts once)."""
-    files = {bundled_path(f"{name}{part}") for name in bundled_models() for part in ("", ":stage2")} - {None}
+    files = {f for name in bundled_models() for part in ("", ":stage2") for f in bundled_paths(f"{name}{part}")}
     assert sum(f.stat().st_size for f in files) <= 25e6
 
 

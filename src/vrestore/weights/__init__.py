@@ -1,14 +1,17 @@
 """Bundled default models, registered by name (``vrestore models`` lists them).
 
-``models.json`` maps a name to its stage-1 and optional stage-2 files in this
-folder; ``bundled_path("qe")`` is the stage-1 file, ``bundled_path("qe:stage2")``
-the stage-2 file.
+``models.json`` maps a name to its stage-1 file and optional stage 2 in this
+folder: one file, or a list of files whose outputs are averaged (a stage-2
+ensemble). ``bundled_path("qe")`` is the stage-1 file, ``bundled_path("qe:stage2")``
+the stage-2 file, ``bundled_paths("qe-hq:stage2")`` every stage-2 file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..errors import VrestoreError
 
 HERE = Path(__file__).parent
 
@@ -18,13 +21,23 @@ def bundled_models() -> dict[str, dict]:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def bundled_path(name: str) -> Path | None:
+def bundled_paths(name: str) -> list[Path]:
+    """The files of ``name`` (``"qe"``: stage 1, ``"qe:stage2"``: its stage 2s), or [] if there are none
+    (an unknown name, a model without that part, or a file missing from the install)."""
     base, _, part = name.partition(":")
     entry = bundled_models().get(base)
     if entry is None:
-        return None
-    fname = entry.get(part or "stage1")
-    if not fname:
-        return None
-    p = HERE / fname
-    return p if p.exists() else None
+        return []
+    fnames = entry.get(part or "stage1") or []
+    paths = [HERE / f for f in ([fnames] if isinstance(fnames, str) else fnames)]
+    return paths if paths and all(p.exists() for p in paths) else []
+
+
+def bundled_path(name: str) -> Path | None:
+    """The one file of ``name``, or None; a stage-2 ensemble has several, so naming it here is an error that
+    lists them (``bundled_paths`` returns them all)."""
+    paths = bundled_paths(name)
+    if len(paths) > 1:
+        names = ", ".join(p.name for p in paths)
+        raise VrestoreError(f"{name} is an ensemble of {len(paths)} stage-2 files ({names}): name one by its path")
+    return paths[0] if paths else None
