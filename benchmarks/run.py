@@ -9,7 +9,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py bundled    # the bundled same-size models as `restore` runs them, 854x480
     python benchmarks/run.py stage2_depth   # bundled pipelines vs stage 2s grown by a third group, 854x480
-    python benchmarks/run.py quality_modes  # stage-2 TTA (2, 8) and stage-2 ensembles vs the bundled, 854x480
+    python benchmarks/run.py quality_modes  # stage-2 TTA (2, 8), stage-2 ensembles (qe-hq) vs the bundled, 854x480
     python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
     python benchmarks/run.py chunks     # chunked vs whole-sequence outputs (bundled model), per frame
     python benchmarks/run.py onnx       # onnxruntime (CPU) vs torch fp32 and bf16, per stage, 960x536
@@ -266,9 +266,10 @@ def bundled() -> None:
     """Frames/s of each bundled same-size model as ``restore`` runs it (its own stage 2), and of stage 1
     alone, at 854x480 (the speed target's size), one after the other so the rows compare."""
     rows = []
-    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe", "none")):
+    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe-hq", "auto"), ("qe", "none")):
         r = _at_target_size(model, stage2)
-        rows.append({"model": model, "stage2": r["stage2_used"], "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
+        rows.append({"model": model, "stage2": r["stage2_used"], "stage2_members": r["stage2_members"],
+                     "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
                      "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
     _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
 
@@ -293,11 +294,11 @@ def stage2_depth() -> None:
 
 def quality_modes() -> None:
     """What the held-out clips' slower modes cost: the bundled pipelines, `qe`'s stage 1 followed by both
-    bundled stage 2s averaged (a stage-2 ensemble), and `qe-fast` with 2 and 8 TTA transforms around stage 2
-    alone."""
+    bundled stage 2s averaged (a stage-2 ensemble), `qe-fast` with 2 and 8 TTA transforms around stage 2
+    alone, and the bundled stage-2 ensemble `qe-hq` alone and with 2."""
     _pipelines("quality_modes", [("qe", ("auto",), 1), ("qe-fast", ("auto",), 1),
                                  ("qe", ("qe:stage2", "qe-fast:stage2"), 1), ("qe-fast", ("auto",), 2),
-                                 ("qe-fast", ("auto",), 8)])
+                                 ("qe-fast", ("auto",), 8), ("qe-hq", ("auto",), 1), ("qe-hq", ("auto",), 2)])
 
 
 def gpu() -> None:

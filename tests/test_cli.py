@@ -34,3 +34,15 @@ def test_user_errors_are_one_line_with_status_2(tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert "Traceback" not in r.output
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_models_lists_each_bundled_model_with_what_it_runs():
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == "bundled models:"
+    hq = next(line for line in lines if line.startswith("  qe-hq "))
+    assert "(x1, stage 1 + 2 stage 2s averaged)" in hq and "dB" in hq
+    assert any(line.startswith("  x4 (x4, stage 1 only)") for line in lines)
+    assert any(line.startswith("  qe (x1, stage 1 + stage 2)") for line in lines)
+    assert "swinir_t2_g3_color_dn" in lines[-1]

@@ -562,11 +562,18 @@ def export(model: str = typer.Argument(..., help="Bundled name (qe, qe:stage2, .
 @app.command()
 @handled
 def models() -> None:
-    """List registered architectures/sizes and bundled models."""
+    """List the bundled models (what each runs and what it measured) and the registered architectures/sizes."""
     from .models import list_models
+    from .weights import bundled_paths
 
-    out.print("bundled: " + (_BUNDLED or "(none)"))
-    out.print("registered sizes: " + ", ".join(list_models()))
+    entries = bundled_models()
+    out.print("bundled models:" + ("" if entries else " (none)"))
+    for name, entry in entries.items():
+        n = len(bundled_paths(f"{name}:stage2"))
+        parts = "stage 1 only" if not n else "stage 1 + stage 2" if n == 1 else f"stage 1 + {n} stage 2s averaged"
+        out.print(f"  {name} (x{entry.get('scale', 1)}, {parts}): {entry.get('status', '')}", highlight=False,
+                  soft_wrap=True)
+    out.print("registered sizes: " + ", ".join(list_models()), soft_wrap=True)
 
 
 def _comparison_image(lq, restored, gt, path: Path) -> None:
