@@ -52,6 +52,7 @@ def test_a_bundled_stage2_list_is_an_ensemble(tmp_path, monkeypatch, random_mode
     assert bundled_paths("one:stage2") == [tmp_path / "s2_1.safetensors"] == [bundled_path("one:stage2")]
     assert bundled_paths("lost:stage2") == [] and bundled_path("lost:stage2") is None
     assert bundled_path("ens") == tmp_path / "s1.safetensors" and bundled_paths("x4") == []
+    assert bundled_paths("ens:scale") == [] and bundled_path("ens:stage1") == bundled_path("ens")
     with pytest.raises(VrestoreError, match="ensemble of 2 stage-2 files .*s2_1.safetensors, s2_2"):
         bundled_path("ens:stage2")
     with pytest.raises(VrestoreError, match="ensemble of 2"):

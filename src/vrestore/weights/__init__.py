@@ -26,7 +26,7 @@ def bundled_paths(name: str) -> list[Path]:
     (an unknown name, a model without that part, or a file missing from the install)."""
     base, _, part = name.partition(":")
     entry = bundled_models().get(base)
-    if entry is None:
+    if entry is None or part not in ("", "stage1", "stage2"):
         return []
     fnames = entry.get(part or "stage1") or []
     paths = [HERE / f for f in ([fnames] if isinstance(fnames, str) else fnames)]
