@@ -3,6 +3,7 @@ on the bundled real sample (a check that fails if a retrained file regresses).""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_a_bundled_stage2_list_is_an_ensemble(tmp_path, monkeypatch, random_mode
     entries = {"ens": {"stage1": "s1.safetensors", "stage2": ["s2_1.safetensors", "s2_2.safetensors"], "scale": 1},
                "one": {"stage1": "s1.safetensors", "stage2": "s2_1.safetensors", "scale": 1},
                "lost": {"stage1": "s1.safetensors", "stage2": ["s2_1.safetensors", "gone.safetensors"], "scale": 1}}
-    (tmp_path / "models.json").write_text(__import__("json").dumps(entries))
+    (tmp_path / "models.json").write_text(json.dumps(entries))
     monkeypatch.setattr(vrestore.weights, "HERE", tmp_path)
     assert bundled_paths("ens:stage2") == [tmp_path / "s2_1.safetensors", tmp_path / "s2_2.safetensors"]
     assert bundled_paths("one:stage2") == [tmp_path / "s2_1.safetensors"] == [bundled_path("one:stage2")]
