@@ -4,7 +4,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py dcn        # deformable conv vs conv2d (the <= 3x target)
     python benchmarks/run.py stage1     # BasicVSR++ c64n7 frames/s, QE 960x536 and x4 from 240x136
     python benchmarks/run.py stage2     # SwinIR frames/s at 960x536 (published M size and small ones)
-    python benchmarks/run.py attention  # SwinIR-T's window attention alone at 960x536: 4, 2 or 1 heads, bf16
+    python benchmarks/run.py attention  # SwinIR-T's window attention at 960x536 by heads: flash SDPA vs ours, bf16
     python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py bundled    # the bundled same-size models as `restore` runs them, 854x480
@@ -168,21 +168,34 @@ def stage2() -> None:
 
 def attention() -> None:
     """The window attention of one SwinIR-T block (32 channels, 8x8 windows,
-    a 960x536 frame, bf16) by head count: the same arithmetic for the
-    projections, while the attention kernel's cost grows with the heads."""
+    a 960x536 frame, bf16, in the model's chunks of 4096 windows) by head
+    count and kernel: the CPU's ``scaled_dot_product_attention`` (a flash
+    kernel) against ``models.swinir.window_attention`` (batched matmuls and a
+    softmax, what the model runs since 2026-11-23)."""
     import torch.nn.functional as F
 
+    from vrestore.models.swinir import SwinTransformerBlock, window_attention
+
     bw, n, c = (536 // 8) * (960 // 8), 64, 32
+    step = SwinTransformerBlock.chunk_windows
+    kernels = {"sdpa": lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b),
+               "window_attention": window_attention}
     rows = []
     for heads in (4, 2, 1):
         torch.manual_seed(0)
         q, k, v = (torch.randn(bw, heads, n, c // heads, dtype=torch.bfloat16) for _ in range(3))
         bias = torch.randn(1, heads, n, n, dtype=torch.bfloat16)
-        with torch.inference_mode():
-            dt = _timeit(lambda q=q, k=k, v=v, bias=bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
-        rows.append({"heads": heads, "head_dim": c // heads, "windows": bw, "sec_per_block": dt})
+        for kernel, fn in kernels.items():
+            def block(fn=fn, q=q, k=k, v=v, bias=bias) -> None:
+                for i in range(0, bw, step):
+                    fn(q[i: i + step], k[i: i + step], v[i: i + step], bias)
+
+            with torch.inference_mode():
+                dt = _timeit(block)
+            rows.append({"heads": heads, "head_dim": c // heads, "windows": bw, "kernel": kernel,
+                         "sec_per_block": dt})
     for r in rows:
-        r["speedup_vs_4_heads"] = rows[0]["sec_per_block"] / r["sec_per_block"]
+        r["speedup_vs_sdpa_4_heads"] = rows[0]["sec_per_block"] / r["sec_per_block"]
     _save("attention", {"input": "960x536", "rows": rows})
 
 

@@ -3,10 +3,19 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vrestore
 from vrestore.models import build
-from vrestore.models.swinir import SwinTransformerBlock, edge_windows, shift_mask
+from vrestore.models.swinir import (
+    RSTB,
+    SwinTransformerBlock,
+    edge_windows,
+    reorder_index,
+    shift_mask,
+    window_attention,
+    window_partition,
+)
 
 
 def test_reference_vector(reference_dir):
@@ -106,3 +115,46 @@ def test_1080p_frame_through_swinir_m():
     with torch.no_grad():
         y = m(torch.rand(1, 3, 1080, 1920))
     assert y.shape == (1, 3, 1080, 1920)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("per_window", [False, True])
+def test_window_attention_equals_sdpa(heads, per_window):
+    """The written-out attention (faster on CPUs for 64-token windows) is
+    scaled dot-product attention with an additive bias, heads concatenated."""
+    torch.manual_seed(0)
+    b, n, d = 6, 64, 8
+    q, k, v = (torch.randn(b, heads, n, d) for _ in range(3))
+    bias = torch.randn(b if per_window else 1, heads, n, n)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, heads * d)
+    assert torch.allclose(window_attention(q, k, v, bias), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w", [(40, 56), (8, 64), (16, 8)])
+def test_reorder_index_is_roll_and_partition(h, w):
+    torch.manual_seed(0)
+    x = torch.randn(2, h * w, 5)
+    for shift in (0, 4):
+        img = torch.roll(x.view(2, h, w, 5), shifts=(-shift, -shift), dims=(1, 2))
+        want = window_partition(img, 8).reshape(2, h * w, 5)
+        assert torch.equal(x.index_select(1, reorder_index(h, w, 8, None, shift)), want)
+        back = want.index_select(1, reorder_index(h, w, 8, shift, None))
+        assert torch.equal(back, x)
+    # from one block's windows straight to the next block's shifted windows
+    w0 = x.index_select(1, reorder_index(h, w, 8, None, 0))
+    assert torch.equal(w0.index_select(1, reorder_index(h, w, 8, 0, 4)),
+                       x.index_select(1, reorder_index(h, w, 8, None, 4)))
+
+
+def test_group_leaves_its_input_alone_without_gradients():
+    """Blocks write their results into the group's gathered copy in place when
+    no graph is recorded; the group's input is never touched."""
+    torch.manual_seed(0)
+    g = RSTB(16, 2, 2, 8, 2.0, "1conv").eval()
+    x = torch.randn(1, 24 * 32, 16)
+    before = x.clone()
+    with torch.no_grad():
+        y = g(x, (24, 32))
+    assert torch.equal(x, before)
+    with torch.enable_grad():
+        assert torch.allclose(g(x, (24, 32)), y, atol=1e-6)

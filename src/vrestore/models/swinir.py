@@ -1,16 +1,22 @@
 """SwinIR (Liang et al., 2021): residual Swin transformer groups for image restoration.
 
 Parameter and buffer names follow the released SwinIR files (KAIR's layout),
-so published weights load unchanged. Differences in how, not what: attention
-runs through ``scaled_dot_product_attention`` and each Swin block processes
+so published weights load unchanged. Differences in how, not what: window
+attention is two batched matmuls and a softmax (``window_attention``), each Swin block processes
 its windows in chunks (norm, attention and MLP are all window-local once the
 cyclic shift is applied), so memory stays bounded for large frames without
 tiling; shift masks are computed for the actual input size, cached, and
-applied to the edge windows only (the others would add zeros).
+applied to the edge windows only (the others would add zeros). Inside a
+residual group the tokens stay in window order: one gather takes them from
+one block's windows to the next block's shifted windows, where the published
+code reverses the partition, rolls and partitions again (three copies of the
+whole feature map, which on a CPU cost more than the attention); traced
+graphs keep that form, whose sizes are symbolic.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -64,6 +70,30 @@ def edge_windows(h: int, w: int, ws: int) -> list[int]:
     return [r * nw + nw - 1 for r in range(nh - 1)] + list(range((nh - 1) * nw, nh * nw))
 
 
+@functools.lru_cache(maxsize=64)
+def _window_order(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+    """For each token in window order (``window_partition``) of the image
+    rolled by ``-shift``, its index in the image's row-major order."""
+    rows = (torch.arange(h) + shift) % h
+    cols = (torch.arange(w) + shift) % w
+    src = (rows[:, None] * w + cols[None, :]).view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3)
+    return src.reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def reorder_index(h: int, w: int, ws: int, src: int | None, dst: int | None) -> torch.Tensor:
+    """Index for ``index_select`` that takes tokens from order ``src`` to
+    order ``dst``: ``None`` is the image's row-major order, an integer the
+    window order of the image shifted by that much. One gather instead of
+    reverse, roll and partition."""
+    want = torch.arange(h * w) if dst is None else _window_order(h, w, ws, dst)
+    if src is None:
+        return want
+    position = torch.empty(h * w, dtype=torch.long)
+    position[_window_order(h, w, ws, src)] = torch.arange(h * w)
+    return position[want]
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -72,6 +102,21 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for q, k, v (B', heads, N, d) and
+    bias broadcastable to (B', heads, N, N); returns (B', N, heads * d).
+    Written out rather than ``scaled_dot_product_attention``: with windows of
+    64 tokens and heads of 8 to 16 channels, the CPU's flash kernel (built for
+    long sequences) runs at half the speed of two batched matmuls and a
+    softmax (``benchmarks/run.py attention``)."""
+    d = q.shape[-1]
+    outs = []
+    for j in range(q.shape[1]):  # head by head: baddbmm broadcasts the head's bias instead of a copy per window
+        scores = torch.baddbmm(bias[:, j], q[:, j], k[:, j].transpose(1, 2), alpha=d ** -0.5)
+        outs.append(torch.bmm(scores.softmax(-1), v[:, j]))
+    return torch.cat(outs, -1)
 
 
 class WindowAttention(nn.Module):
@@ -90,28 +135,28 @@ class WindowAttention(nn.Module):
         idx = self.relative_position_index.view(-1)
         return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int,
-                masked: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B*nW, N, C) with windows of each image contiguous; mask (nW, N, N).
-        ``masked`` lists the windows whose mask is not all zero (the last row
-        and column of windows): only those pay for the mask, the others share
-        the broadcast position bias, which saves building a (B*nW, heads, N, N)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                edges: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B', N, C) windows. ``mask``: without ``edges``, (B', N, N) for
+        every window (the dense form, for traced graphs); with ``edges``, the
+        masks (E, N, N) of the windows listed in ``edges`` (E,), the only ones
+        whose mask is not all zero: only those pay for it, the others share
+        the broadcast position bias, which saves building a (B', heads, N, N)
         bias that costs more than the attention itself."""
         bw, n, c = x.shape
         h = self.num_heads
         qkv = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn_bias = self.bias().to(q.dtype).unsqueeze(0)  # (1, h, N, N)
-        if mask is not None and masked is None:  # dense form, for traced graphs
-            attn_bias = (attn_bias + mask.to(q.dtype).unsqueeze(1)).repeat(bw // n_windows, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
-        if masked is not None and masked.numel():  # masked is given with a mask only
-            reps = bw // n_windows
-            idx = (torch.arange(reps, device=x.device)[:, None] * n_windows + masked).flatten()
-            edge_bias = (attn_bias + mask[masked].to(q.dtype).unsqueeze(1)).repeat(reps, 1, 1, 1)
-            edge = F.scaled_dot_product_attention(q[idx], k[idx], v[idx], attn_mask=edge_bias)
-            out = out.index_copy(0, idx, edge)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+        if mask is not None and edges is None:
+            attn_bias = attn_bias + mask.to(q.dtype).unsqueeze(1)
+        out = window_attention(q, k, v, attn_bias)
+        if edges is not None and edges.numel():
+            edge_bias = attn_bias + mask.to(q.dtype).unsqueeze(1)
+            edge = window_attention(q[edges], k[edges], v[edges], edge_bias)
+            # in place when no graph is recorded: an out-of-place copy of every window costs a full pass
+            out = out.index_copy(0, edges, edge) if torch.is_grad_enabled() else out.index_copy_(0, edges, edge)
+        return self.proj(out)
 
 
 class SwinTransformerBlock(nn.Module):
@@ -136,12 +181,10 @@ class SwinTransformerBlock(nn.Module):
             self._masks = {key: shift_mask(h, w, self.ws, self.shift).to(device)}
         return self._masks[key]
 
-    def _window_chunk(self, x: torch.Tensor, mask: torch.Tensor | None, n_windows: int,
-                      masked: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask, n_windows, masked)
-        return x + self.mlp(self.norm2(x))
-
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """x (B, H*W, C) in image order, as the published block: partition,
+        roll and a dense mask over all windows at once. Traced graphs use this
+        form (its sizes stay symbolic); eager code runs ``forward_windows``."""
         h, w = hw
         b, _, c = x.shape
         ws = self.ws
@@ -149,34 +192,48 @@ class SwinTransformerBlock(nn.Module):
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         win = window_partition(x, ws)  # (b*nW, N, C)
-        nw = (h // ws) * (w // ws)
         mask = self._mask(h, w, x.device)
-        masked = None
-        if torch.jit.is_tracing():  # exported graphs take all windows at once (sizes are dynamic there)
-            step = win.shape[0]
-        else:
-            step = max(1, self.chunk_windows // nw) * nw if nw <= self.chunk_windows else None
-            if mask is not None:
-                edges = edge_windows(h, w, ws)
-                masked = torch.tensor(edges, dtype=torch.long, device=x.device)
-        if step is not None:  # whole images per chunk
-            outs = [self._window_chunk(win[i: i + step], mask, nw, masked) for i in range(0, win.shape[0], step)]
-        else:  # large image: chunks of windows within one image, the same chunks for every image
-            chunks = []
-            for i in range(0, nw, self.chunk_windows):
-                j = min(i + self.chunk_windows, nw)
-                m = sel = None
-                if mask is not None:
-                    m = mask[i:j]
-                    sel = torch.tensor([e - i for e in edges if i <= e < j], dtype=torch.long, device=x.device)
-                chunks.append((i, j, m, sel))
-            outs = [self._window_chunk(win[img * nw + i: img * nw + j], m, j - i, sel)
-                    for img in range(b) for i, j, m, sel in chunks]
-        win = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if mask is not None:
+            mask = mask.repeat(b, 1, 1)
+        win = win + self.attn(self.norm1(win), mask)
+        win = win + self.mlp(self.norm2(win))
         x = window_reverse(win, ws, b, h, w)
         if self.shift:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x.reshape(b, h * w, c)
+
+    def forward_windows(self, y: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """y (B, H*W, C) already in this block's window order (``reorder_index``
+        with its shift). Windows go through in chunks of ``chunk_windows``;
+        without gradients the result is written into ``y`` itself, which the
+        caller must own (a gather's output), so no chunk is copied twice."""
+        h, w = hw
+        b, hw_tokens, c = y.shape
+        n = self.ws * self.ws
+        nw = (h // self.ws) * (w // self.ws)
+        win = y.view(b * nw, n, c)
+        mask = self._mask(h, w, y.device)
+        edges = [img * nw + e for img in range(b) for e in edge_windows(h, w, self.ws)] if mask is not None else []
+        in_place = not torch.is_grad_enabled()
+        outs = []
+        for i in range(0, b * nw, self.chunk_windows):
+            j = min(i + self.chunk_windows, b * nw)
+            chunk = win[i:j]
+            sel = [e for e in edges if i <= e < j]
+            e_mask = e_idx = None
+            if mask is not None:
+                e_idx = torch.tensor([e - i for e in sel], dtype=torch.long, device=y.device)
+                e_mask = mask[torch.tensor([e % nw for e in sel], dtype=torch.long, device=y.device)]
+            a = self.attn(self.norm1(chunk), e_mask, e_idx)
+            if in_place:
+                chunk.add_(a)
+                chunk.add_(self.mlp(self.norm2(chunk)))
+            else:
+                chunk = chunk + a
+                outs.append(chunk + self.mlp(self.norm2(chunk)))
+        if in_place:
+            return y
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]).view(b, hw_tokens, c)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Released files carry ``attn_mask`` computed for their training size;
@@ -212,8 +269,16 @@ class RSTB(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         y = x
-        for blk in self.residual_group.blocks:
-            y = blk(y, hw)
+        if torch.jit.is_tracing():
+            for blk in self.residual_group.blocks:
+                y = blk(y, hw)
+        else:  # window order from block to block: one gather per block and one back
+            order = None
+            for blk in self.residual_group.blocks:
+                y = y.index_select(1, reorder_index(*hw, blk.ws, order, blk.shift).to(y.device))
+                y = blk.forward_windows(y, hw)
+                order = blk.shift
+            y = y.index_select(1, reorder_index(*hw, self.residual_group.blocks[0].ws, order, None).to(y.device))
         b, _, c = y.shape
         y = y.transpose(1, 2).reshape(b, c, *hw)
         return self.conv(y).flatten(2).transpose(1, 2) + x
