@@ -9,9 +9,10 @@ tiling; shift masks are computed for the actual input size, cached, and
 applied to the edge windows only (the others would add zeros). Inside a
 residual group the tokens stay in window order: one gather takes them from
 one block's windows to the next block's shifted windows, where the published
-code reverses the partition, rolls and partitions again (three copies of the
-whole feature map, which on a CPU cost more than the attention); traced
-graphs keep that form, whose sizes are symbolic.
+code reverses the partition, rolls and partitions again (copies of the
+whole feature map; on glibc's default heap, which page-faults each large
+temporary in afresh, they took a third of SwinIR-T's time on a CPU); traced
+graphs keep that form, whose sizes stay symbolic.
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     Written out rather than ``scaled_dot_product_attention``: with windows of
     64 tokens and heads of 8 to 16 channels, the CPU's flash kernel (built for
     long sequences) runs at half the speed of two batched matmuls and a
-    softmax (``benchmarks/run.py attention``)."""
+    softmax (``benchmarks/run.py attention``). Other devices keep the fused
+    kernel, which is what the GPU benchmark measured."""
+    if q.device.type != "cpu":
+        b, h, n, d = q.shape
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, h * d)
     d = q.shape[-1]
     outs = []
     for j in range(q.shape[1]):  # head by head: baddbmm broadcasts the head's bias instead of a copy per window
