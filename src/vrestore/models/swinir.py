@@ -82,17 +82,19 @@ def _window_order(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def reorder_index(h: int, w: int, ws: int, src: int | None, dst: int | None) -> torch.Tensor:
+def reorder_index(h: int, w: int, ws: int, src: int | None, dst: int | None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Index for ``index_select`` that takes tokens from order ``src`` to
     order ``dst``: ``None`` is the image's row-major order, an integer the
     window order of the image shifted by that much. One gather instead of
-    reverse, roll and partition."""
+    reverse, roll and partition. Cached per device, so a GPU does not receive
+    the index again for every block."""
     want = torch.arange(h * w) if dst is None else _window_order(h, w, ws, dst)
-    if src is None:
-        return want
-    position = torch.empty(h * w, dtype=torch.long)
-    position[_window_order(h, w, ws, src)] = torch.arange(h * w)
-    return position[want]
+    if src is not None:
+        position = torch.empty(h * w, dtype=torch.long)
+        position[_window_order(h, w, ws, src)] = torch.arange(h * w)
+        want = position[want]
+    return want.to(device)
 
 
 class Mlp(nn.Module):
@@ -280,10 +282,10 @@ class RSTB(nn.Module):
         else:  # window order from block to block: one gather per block and one back
             order = None
             for blk in self.residual_group.blocks:
-                y = y.index_select(1, reorder_index(*hw, blk.ws, order, blk.shift).to(y.device))
+                y = y.index_select(1, reorder_index(*hw, blk.ws, order, blk.shift, y.device))
                 y = blk.forward_windows(y, hw)
                 order = blk.shift
-            y = y.index_select(1, reorder_index(*hw, self.residual_group.blocks[0].ws, order, None).to(y.device))
+            y = y.index_select(1, reorder_index(*hw, self.residual_group.blocks[0].ws, order, None, y.device))
         b, _, c = y.shape
         y = y.transpose(1, 2).reshape(b, c, *hw)
         return self.conv(y).flatten(2).transpose(1, 2) + x
