@@ -161,3 +161,15 @@ def test_group_leaves_its_input_alone_without_gradients():
     assert torch.equal(x, before)
     with torch.enable_grad():
         assert torch.allclose(g(x, (24, 32)), y, atol=1e-6)
+
+
+def test_trains_after_inference_at_the_same_size():
+    """The cached gather indices may first be built in inference mode (a
+    validation pass); training at that size afterwards must still work."""
+    torch.manual_seed(0)
+    m = build("swinir", embed_dim=16, depths=[2], num_heads=[2], img_size=32, window_size=8)
+    x = torch.rand(1, 3, 40, 48)  # a size no other test uses, so the cache starts empty for it
+    with torch.inference_mode():
+        m(x)
+    m(x).square().mean().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

@@ -75,10 +75,11 @@ def edge_windows(h: int, w: int, ws: int) -> list[int]:
 def _window_order(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     """For each token in window order (``window_partition``) of the image
     rolled by ``-shift``, its index in the image's row-major order."""
-    rows = (torch.arange(h) + shift) % h
-    cols = (torch.arange(w) + shift) % w
-    src = (rows[:, None] * w + cols[None, :]).view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3)
-    return src.reshape(-1)
+    with torch.inference_mode(False):  # cached: usable later where gradients are recorded
+        rows = (torch.arange(h) + shift) % h
+        cols = (torch.arange(w) + shift) % w
+        src = (rows[:, None] * w + cols[None, :]).view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3)
+        return src.reshape(-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,13 +89,16 @@ def reorder_index(h: int, w: int, ws: int, src: int | None, dst: int | None,
     order ``dst``: ``None`` is the image's row-major order, an integer the
     window order of the image shifted by that much. One gather instead of
     reverse, roll and partition. Cached per device, so a GPU does not receive
-    the index again for every block."""
-    want = torch.arange(h * w) if dst is None else _window_order(h, w, ws, dst)
-    if src is not None:
-        position = torch.empty(h * w, dtype=torch.long)
-        position[_window_order(h, w, ws, src)] = torch.arange(h * w)
-        want = position[want]
-    return want.to(device)
+    the index again for every block. Built outside inference mode: an
+    inference tensor cannot be saved for backward, and the first call may
+    come from a validation pass."""
+    with torch.inference_mode(False):
+        want = torch.arange(h * w) if dst is None else _window_order(h, w, ws, dst)
+        if src is not None:
+            position = torch.empty(h * w, dtype=torch.long)
+            position[_window_order(h, w, ws, src)] = torch.arange(h * w)
+            want = position[want]
+        return want.to(device)
 
 
 class Mlp(nn.Module):
