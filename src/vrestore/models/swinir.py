@@ -17,7 +17,6 @@ graphs keep that form, whose sizes stay symbolic.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -71,34 +70,26 @@ def edge_windows(h: int, w: int, ws: int) -> list[int]:
     return [r * nw + nw - 1 for r in range(nh - 1)] + list(range((nh - 1) * nw, nh * nw))
 
 
-@functools.lru_cache(maxsize=64)
 def _window_order(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     """For each token in window order (``window_partition``) of the image
     rolled by ``-shift``, its index in the image's row-major order."""
-    with torch.inference_mode(False):  # cached: usable later where gradients are recorded
-        rows = (torch.arange(h) + shift) % h
-        cols = (torch.arange(w) + shift) % w
-        src = (rows[:, None] * w + cols[None, :]).view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3)
-        return src.reshape(-1)
+    rows = (torch.arange(h) + shift) % h
+    cols = (torch.arange(w) + shift) % w
+    src = (rows[:, None] * w + cols[None, :]).view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3)
+    return src.reshape(-1)
 
 
-@functools.lru_cache(maxsize=64)
-def reorder_index(h: int, w: int, ws: int, src: int | None, dst: int | None,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+def reorder_index(h: int, w: int, ws: int, src: int | None, dst: int | None) -> torch.Tensor:
     """Index for ``index_select`` that takes tokens from order ``src`` to
     order ``dst``: ``None`` is the image's row-major order, an integer the
     window order of the image shifted by that much. One gather instead of
-    reverse, roll and partition. Cached per device, so a GPU does not receive
-    the index again for every block. Built outside inference mode: an
-    inference tensor cannot be saved for backward, and the first call may
-    come from a validation pass."""
-    with torch.inference_mode(False):
-        want = torch.arange(h * w) if dst is None else _window_order(h, w, ws, dst)
-        if src is not None:
-            position = torch.empty(h * w, dtype=torch.long)
-            position[_window_order(h, w, ws, src)] = torch.arange(h * w)
-            want = position[want]
-        return want.to(device)
+    reverse, roll and partition."""
+    want = torch.arange(h * w) if dst is None else _window_order(h, w, ws, dst)
+    if src is None:
+        return want
+    position = torch.empty(h * w, dtype=torch.long)
+    position[_window_order(h, w, ws, src)] = torch.arange(h * w)
+    return position[want]
 
 
 class Mlp(nn.Module):
@@ -182,6 +173,7 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._plan: tuple[tuple, list] | None = None
 
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
         """The shift mask for an h x w input (cached for the last size)."""
@@ -191,6 +183,31 @@ class SwinTransformerBlock(nn.Module):
         if key not in self._masks or self._masks[key].device != device:
             self._masks = {key: shift_mask(h, w, self.ws, self.shift).to(device)}
         return self._masks[key]
+
+    def _chunks(self, h: int, w: int, b: int, device: torch.device) -> list[tuple]:
+        """``forward_windows``' chunks of the b*nW windows: (start, end, the
+        chunk's edge windows, their masks), or None for both in an unshifted
+        block. Cached for the last size, so frames after the first build
+        nothing; built outside inference mode, since the indices are saved for
+        backward when a later call trains."""
+        key = (h, w, b, self.chunk_windows, device)
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        mask = self._mask(h, w, device)
+        nw = (h // self.ws) * (w // self.ws)
+        edges = [img * nw + e for img in range(b) for e in edge_windows(h, w, self.ws)] if mask is not None else []
+        plan = []
+        with torch.inference_mode(False):
+            for i in range(0, b * nw, self.chunk_windows):
+                j = min(i + self.chunk_windows, b * nw)
+                if mask is None:
+                    plan.append((i, j, None, None))
+                    continue
+                sel = [e for e in edges if i <= e < j]
+                plan.append((i, j, torch.tensor([e - i for e in sel], dtype=torch.long, device=device),
+                             mask[torch.tensor([e % nw for e in sel], dtype=torch.long, device=device)]))
+        self._plan = (key, plan)
+        return plan
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x (B, H*W, C) in image order, as the published block: partition,
@@ -220,21 +237,11 @@ class SwinTransformerBlock(nn.Module):
         caller must own (a gather's output), so no chunk is copied twice."""
         h, w = hw
         b, hw_tokens, c = y.shape
-        n = self.ws * self.ws
-        nw = (h // self.ws) * (w // self.ws)
-        win = y.view(b * nw, n, c)
-        mask = self._mask(h, w, y.device)
-        edges = [img * nw + e for img in range(b) for e in edge_windows(h, w, self.ws)] if mask is not None else []
+        win = y.view(-1, self.ws * self.ws, c)
         in_place = not torch.is_grad_enabled()
         outs = []
-        for i in range(0, b * nw, self.chunk_windows):
-            j = min(i + self.chunk_windows, b * nw)
+        for i, j, e_idx, e_mask in self._chunks(h, w, b, y.device):
             chunk = win[i:j]
-            sel = [e for e in edges if i <= e < j]
-            e_mask = e_idx = None
-            if mask is not None:
-                e_idx = torch.tensor([e - i for e in sel], dtype=torch.long, device=y.device)
-                e_mask = mask[torch.tensor([e % nw for e in sel], dtype=torch.long, device=y.device)]
             a = self.attn(self.norm1(chunk), e_mask, e_idx)
             if in_place:
                 chunk.add_(a)
@@ -277,6 +284,24 @@ class RSTB(nn.Module):
                                       nn.Conv2d(dim // 4, dim, 3, 1, 1))
         else:
             raise ValueError(f"resi_connection must be 1conv or 3conv, got {resi_connection!r}")
+        self._order_cache: tuple[tuple, list[torch.Tensor]] | None = None
+
+    def _orders(self, hw: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
+        """The gathers of ``forward``: image order into the first block's
+        windows, each block's windows into the next one's, the last back to
+        image order. Cached for the last size and device (frames after the
+        first build nothing, a GPU receives them once); built outside
+        inference mode, since ``index_select`` saves them for backward when a
+        later call trains."""
+        key = (hw, device)
+        if self._order_cache is None or self._order_cache[0] != key:
+            blocks = self.residual_group.blocks
+            shifts = [None, *(blk.shift for blk in blocks), None]
+            with torch.inference_mode(False):
+                orders = [reorder_index(*hw, blocks[0].ws, a, b).to(device)
+                          for a, b in zip(shifts, shifts[1:], strict=False)]
+            self._order_cache = (key, orders)
+        return self._order_cache[1]
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         y = x
@@ -284,12 +309,10 @@ class RSTB(nn.Module):
             for blk in self.residual_group.blocks:
                 y = blk(y, hw)
         else:  # window order from block to block: one gather per block and one back
-            order = None
-            for blk in self.residual_group.blocks:
-                y = y.index_select(1, reorder_index(*hw, blk.ws, order, blk.shift, y.device))
-                y = blk.forward_windows(y, hw)
-                order = blk.shift
-            y = y.index_select(1, reorder_index(*hw, self.residual_group.blocks[0].ws, order, None, y.device))
+            orders = self._orders(hw, y.device)
+            for blk, order in zip(self.residual_group.blocks, orders[:-1], strict=True):
+                y = blk.forward_windows(y.index_select(1, order), hw)
+            y = y.index_select(1, orders[-1])
         b, _, c = y.shape
         y = y.transpose(1, 2).reshape(b, c, *hw)
         return self.conv(y).flatten(2).transpose(1, 2) + x
