@@ -8,6 +8,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py memory     # peak RSS, 48 vs 480 frames of 854x480, streaming vs whole
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py bundled    # the bundled same-size models as `restore` runs them, 854x480
+    python benchmarks/run.py stream     # the same over 96 frames: the steady state with the windows' shared frames
     python benchmarks/run.py stage2_depth   # bundled pipelines vs stage 2s grown by a third group, 854x480
     python benchmarks/run.py quality_modes  # stage-2 TTA (2, 8), stage-2 ensembles (qe-hq) vs the bundled, 854x480
     python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
@@ -285,6 +286,20 @@ def bundled() -> None:
                      "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
                      "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
     _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
+
+
+def stream() -> None:
+    """Frames/s over 96 frames at 854x480 with `restore`'s default windows (32 frames, 8 shared by
+    consecutive windows): the steady state of a long video, which pays for the shared frames, where
+    `bundled`'s 20 frames fit in one window. Stage 1 alone is the control."""
+    rows = []
+    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe-hq", "auto"), ("qe", "none")):
+        r = _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "96",
+                         "--warmup", "4"])
+        rows.append({"model": model, "stage2": r["stage2_used"], "stage2_members": r["stage2_members"],
+                     "fps": r["fps"], "sec_per_frame": 1 / r["fps"], "chunk": r["chunk"], "overlap": r["overlap"],
+                     "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
+    _save("stream", {"input": "854x480", "frames": 96, "warmup": 4, "rows": rows})
 
 
 def _pipelines(name: str, cases: list[tuple[str, tuple[str, ...], int]]) -> None:
@@ -572,7 +587,7 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
-           "bundled": bundled, "stage2_depth": stage2_depth, "quality_modes": quality_modes,
+           "bundled": bundled, "stream": stream, "stage2_depth": stage2_depth, "quality_modes": quality_modes,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]

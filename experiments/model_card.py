@@ -1,8 +1,8 @@
 """Measure the numbers of docs/models.md on the held-out clips.
 
-    python experiments/model_card.py qe [--tta] [--stage1 PATH] [--stage2 PATH [PATH ...] | --stage1-only]   # or x4
+    python experiments/model_card.py qe [--tta] [--stage1 PATH|none] [--stage2 PATH [PATH ...] | --stage1-only]  # or x4
 (the bundled model's files by default; a run's ``final.safetensors`` to judge
-it before it is bundled; several stage-2 files: their ensemble) writes
+it before it is bundled; several stage-2 files: their ensemble; ``--stage1 none``: stage 2 alone) writes
 experiments/results/model_card_<task>.json. Rows: the compressed input
 (bicubic-upscaled for x4), the best classical filter (FFmpeg nlmeans or
 fftdnoiz, a small grid; QE only), stage 1 alone, both stages, both stages with
@@ -99,13 +99,16 @@ def main(task: str, stage1: Path | None = None, stage2: list[Path] | None = None
             rows[f"classical {spec}"] = score(gt, {k: classical(v, spec) for k, v in lq.items()})
         best = max((k for k in rows if k.startswith("classical ")), key=lambda k: rows[k]["average"]["psnr_rgb"])
         rows["best classical filter"] = {"name": best, **rows[best]}
-    s1, s2 = stage1 or bundled_path(task), None if stage1_only else stage2 or bundled_path(f"{task}:stage2")
+    alone = str(stage1) == "none"  # stage 2 alone on the compressed frames
+    s1 = None if alone else stage1 or bundled_path(task)
+    s2 = None if stage1_only else stage2 or bundled_path(f"{task}:stage2")
     s2 = None if s2 is None else [s2] if isinstance(s2, Path) else list(s2)
-    variants = [("stage 1", None, False, 1)]
+    variants = [] if alone else [("stage 1", None, False, 1)]
+    both = "stage 2 alone" if alone else "stage 1 + stage 2"
     if s2 is not None:  # bundled or given
-        variants.append(("stage 1 + stage 2", s2, False, 1))
+        variants.append((both, s2, False, 1))
     if s2 is not None and stage2_tta > 1:
-        variants.append((f"stage 1 + stage 2 with x{stage2_tta} stage-2 TTA", s2, False, stage2_tta))
+        variants.append((f"{both} with x{stage2_tta} stage-2 TTA", s2, False, stage2_tta))
     if tta:
         variants.append(("all stages + x8 TTA", s2, True, 1))
     for label, second, with_tta, n_tta in variants:
@@ -118,7 +121,7 @@ def main(task: str, stage1: Path | None = None, stage2: list[Path] | None = None
         # a row takes minutes on a CPU (x8 TTA: half an hour): say each as it is done, not only at the end
         print(f"{label}: {rows[label]['average']['psnr_rgb']:.3f} dB, {n} frames in {dt:.0f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "stage1": str(s1),
+    res = {"task": task, "test_frames_per_clip": TEST_FRAMES, "stage1": str(s1) if s1 else "none",
            "stage2": None if not s2 else str(s2[0]) if len(s2) == 1 else [str(p) for p in s2],
            "rows": rows}
     (out or OUT / f"model_card_{task}.json").write_text(json.dumps(res, indent=1))
@@ -130,7 +133,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task", nargs="?", default="qe", choices=("qe", "x4"))
     ap.add_argument("--tta", action="store_true", help="also both stages with x8 test-time augmentation")
-    ap.add_argument("--stage1", type=Path, help="stage-1 checkpoint (default: the bundled one)")
+    ap.add_argument("--stage1", type=Path, help="stage-1 checkpoint (default: the bundled one); none: stage 2 "
+                    "alone on the compressed frames")
     ap.add_argument("--stage2", type=Path, nargs="+",
                     help="stage-2 checkpoint(s); several are averaged, an ensemble (default: the bundled one, if any)")
     ap.add_argument("--no-classical", action="store_true", help="skip the classical filter grid (qe; slow at 720p)")
@@ -141,5 +145,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.stage1_only and (a.stage2 or a.tta or a.stage2_tta > 1):
         ap.error("--stage1-only leaves out stage 2: not with --stage2, --tta or --stage2-tta")
+    if str(a.stage1) == "none" and (a.stage1_only or a.task != "qe"):
+        ap.error("--stage1 none runs stage 2 alone: qe only, and not with --stage1-only")
     main(a.task, a.stage1, a.stage2, tta=a.tta, classical_grid=not a.no_classical, out=a.out,
          stage1_only=a.stage1_only, stage2_tta=a.stage2_tta)

@@ -42,7 +42,8 @@ def test_models_lists_each_bundled_model_with_what_it_runs():
     lines = r.output.splitlines()
     assert lines[0] == "bundled models:"
     hq = next(line for line in lines if line.startswith("  qe-hq "))
-    assert "(x1, stage 1 + 2 stage 2s averaged)" in hq and "dB" in hq
+    assert "(x1, 2 stage 2s averaged, no stage 1)" in hq and "dB" in hq
+    assert any(line.startswith("  qe-fast (x1, stage 2 only)") for line in lines)
     assert any(line.startswith("  x4 (x4, stage 1 only)") for line in lines)
     assert any(line.startswith("  qe (x1, stage 1 + stage 2)") for line in lines)
     assert "swinir_t2_g3_color_dn" in lines[-1]

@@ -317,7 +317,8 @@ def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, 
     from .infer.restorer import Restorer
     from .weights import bundled_path, bundled_paths
 
-    stage1 = [model] + list(ensemble or [])
+    stage1 = [] if model is None or model in ("none", "") else [model]
+    stage1 += list(ensemble or [])
     second = list(stage2) if isinstance(stage2, (list, tuple)) else [] if stage2 is None else [stage2]
 
     def files(spec: ModelSpec) -> list[ModelSpec]:
@@ -326,14 +327,19 @@ def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, 
         return [str(f) for f in found] or [spec]
 
     second = [f for s in second for f in files(s)]
-    if model in bundled_models():
-        stage1[0] = str(bundled_path(model) or model)
+    if isinstance(model, str) and model in bundled_models():
+        own = bundled_path(model)  # None: a bundled model that runs stage 2 alone (qe-fast)
+        stage1 = [str(own)] + stage1[1:] if own else stage1[1:]
         if not second:
             second = [str(p) for p in bundled_paths(f"{model}:stage2")]
     if any(s in ("none", "") for s in second):
         if len(second) > 1:
             raise VrestoreError("--stage2 none skips stage 2: it cannot be given with other stage-2 checkpoints")
         second = []
+    if not stage1 and not second:
+        raise VrestoreError(f"{model}: no stage 1 and no stage 2 left to run (--model none needs --stage2)")
+    if ensemble and not stage1[: len(stage1) - len(ensemble)]:
+        raise VrestoreError("--ensemble averages stage-1 models with --model's: this model has no stage 1")
     return Restorer(stage1, second or None, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap,
                     tile=tile, dedup=dedup, backend=backend, compile=compile, channels_last=channels_last,
                     stage2_tta=stage2_tta)
@@ -415,8 +421,8 @@ def _pid_alive(pid: int) -> bool:
 @handled
 def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG folder, or a folder of videos."),
             output: Path = typer.Option(..., "-o", "--output", help="Output file (or folder for a folder input)."),
-            model: str = typer.Option("qe", help=f"Bundled model name ({_BUNDLED}: `vrestore models`) or a "
-                                                 "checkpoint path."),
+            model: str = typer.Option("qe", help=f"Bundled model name ({_BUNDLED}: `vrestore models`), a "
+                                                 "checkpoint path, or none (stage 2 alone, from --stage2)."),
             stage2: list[str] = typer.Option(None, help="Stage-2 checkpoint; repeat it to average several (an "
                                              "ensemble); 'none' to skip (bundled models bring one)."),
             ensemble: list[str] = typer.Option(None, help="More stage-1 checkpoints to average with --model."),
@@ -570,7 +576,11 @@ def models() -> None:
     out.print("bundled models:" + ("" if entries else " (none)"))
     for name, entry in entries.items():
         n = len(bundled_paths(f"{name}:stage2"))
-        parts = "stage 1 only" if not n else "stage 1 + stage 2" if n == 1 else f"stage 1 + {n} stage 2s averaged"
+        second = "" if not n else "stage 2" if n == 1 else f"{n} stage 2s averaged"
+        if entry.get("stage1"):
+            parts = f"stage 1 + {second}" if second else "stage 1 only"
+        else:  # stage 2 alone, on the compressed frames
+            parts = "stage 2 only" if n == 1 else f"{second}, no stage 1"
         out.print(f"  {name} (x{entry.get('scale', 1)}, {parts}): {entry.get('status', '')}", highlight=False,
                   soft_wrap=True)
     out.print("registered sizes: " + ", ".join(list_models()), soft_wrap=True)
@@ -668,7 +678,8 @@ def demo(output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="F
 
 @app.command()
 @handled
-def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e.g. basicvsrpp_c64n7_x1) or path."),
+def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e.g. basicvsrpp_c64n7_x1), path, "
+                                               "or none (stage 2 alone)."),
           stage2: list[str] = typer.Option(None, help="auto (the default: a bundled model's own stage 2, as "
                                            "`restore` runs it), none, or a stage-2 model (name, path); repeat it "
                                            "for an ensemble."),

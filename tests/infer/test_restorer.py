@@ -133,6 +133,62 @@ def test_chunked_stream_matches_whole_sequence(small_frames, random_model):
     assert min(per_frame) > 40, per_frame  # random weights; a trained model is measured in benchmarks/
 
 
+class _Counting(nn.Module):
+    """Wraps a stage 2 and counts the frames it is given."""
+
+    scale = 1
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.frames = inner, 0
+
+    def forward(self, x):
+        self.frames += x.shape[0]
+        return self.inner(x)
+
+
+def test_stream_runs_stage2_once_per_frame(small_frames, random_model):
+    """Windows share ``overlap`` frames; they are blended after stage 1 and stage 2 then runs once per frame
+    (it ran on every shared frame twice, 4/3 of the frames at chunk 32, overlap 8). x8 TTA pairs each
+    transform's two stages, so there the windows' final outputs are blended, as before."""
+    s1, s2 = random_model("basicvsrpp_c16n2_x1"), _Counting(random_model("swinir_e24_color_dn", seed=1))
+    frames = np.concatenate([small_frames, small_frames[::-1]])[:, :32, :32]  # 24 frames: 4 windows of 10
+    out = _fp32(s1, s2, chunk=10, overlap=4).restore_frames(frames)
+    assert s2.frames == len(frames) == len(out)
+    # the same as stage 1's blended stream followed by stage 2 frame by frame (up to stage 1's 8-bit rounding)
+    first = _fp32(s1, chunk=10, overlap=4).restore_frames(frames)
+    with torch.no_grad():
+        x = torch.from_numpy(first).permute(0, 3, 1, 2).float() / 255
+        then = (s2.inner(x).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert min(psnr(a, b) for a, b in zip(out, then, strict=True)) > 45
+    s2.frames = 0
+    _fp32(s1, s2, chunk=10, overlap=4, tta=True).restore_frames(frames[:12])  # windows of 10 + 2 (back over 8)
+    assert s2.frames == 8 * (10 + 10)
+    with pytest.raises(VrestoreError, match="spans both stages"):
+        _fp32(s1, s2, tta=True).run_clip(torch.zeros(2, 3, 8, 8), stage2=False)
+
+
+def test_stage2_alone(small_frames, random_model):
+    """No stage 1 (``None`` or ``"none"``): stage 2 on each compressed frame, once, in windows that share no
+    frames; at least one stage is needed."""
+    s2 = _Counting(random_model("swinir_e24_color_dn", seed=1))
+    frames = small_frames[:, :32, :40]
+    r = _fp32(None, s2, chunk=5, overlap=2)
+    assert r.overlap == 0 and r.scale == 1 and r.stage1 == []
+    out = r.restore_frames(frames)
+    assert s2.frames == len(frames)
+    with torch.no_grad():
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+        want = (s2.inner(x).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(out.astype(int) - want).max() <= 1
+    assert np.array_equal(_fp32("none", s2.inner).restore_frames(frames[:3]), out[:3])
+    s2.frames = 0
+    _fp32(None, s2, chunk=5, tta=True).restore_frames(frames[:7])  # the last window reaches back over nothing
+    assert s2.frames == 8 * 7
+    with pytest.raises(VrestoreError, match="nothing to run"):
+        _fp32(None)
+
+
 def test_spatial_tiles_match_untiled(small_frames, random_model):
     m = random_model("basicvsrpp_c16n2_x4")
     clip = torch.from_numpy(small_frames[:3]).permute(0, 3, 1, 2).float() / 255

@@ -154,3 +154,28 @@ def test_a_variant_recipe_is_its_base_with_its_changes(tmp_path):
     OmegaConf.save(OmegaConf.create({"name": "w", "base": "missing.yaml"}), tmp_path / "w.yaml")
     with pytest.raises(VrestoreError, match="missing.yaml: no such recipe"):
         load_recipe(tmp_path / "w.yaml")
+
+
+def test_a_stage2_trained_to_run_alone_caches_the_compressed_frames(tmp_path, tiny_pairs):
+    """``data.stage1: none``: stage 2 fine-tunes and validates on the compressed frames themselves (what it
+    will see with no stage 1 in front of it); the cache says so, and one made by a stage-1 model is rebuilt."""
+    import numpy as np
+
+    from vrestore.data.pairs import PairedClips
+
+    cfg = OmegaConf.create({
+        "name": "s2", "out": str(tmp_path / "run"), "seed": 0, "device": "cpu", "dtype": "fp32",
+        "model": {"name": "swinir_e24_color_dn"},
+        "data": {"train": str(tiny_pairs), "stage1": "none", "cache_frames": 3, "patch": 32, "batch": 2},
+        "val": {"data": str(tiny_pairs), "every": 2, "max_frames": 2},
+        "steps": [{"iters": 2, "data": "stage1_cache", "loss": "mse"}]})
+    trainer = Trainer(cfg)
+    cache = trainer._stage1_cache(str(tiny_pairs), "stage1_cache")
+    clips = PairedClips(str(tiny_pairs), 2, 2, dedup=False).clips
+    for k, c in enumerate(clips):
+        assert np.array_equal(np.load(cache / f"input_{k}.npy"), c.lq[:3])
+        assert np.array_equal(np.load(cache / f"gt_{k}.npy"), c.gt[:3])
+    assert json.loads(json.loads((cache / "index.json").read_text())["made_from"])["stage1"] == "none"
+    trainer.run(None)
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_psnr" in r for r in recs)

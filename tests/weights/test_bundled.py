@@ -24,9 +24,11 @@ SAMPLE = Path(vrestore.__file__).parent / "assets" / "bbb_demo.mp4"
 @pytest.mark.parametrize("name", ["qe", "qe-fast", "qe-hq", "x4"])
 def test_bundled_model_is_registered_and_matches_its_entry(name):
     entry = bundled_models()[name]
-    m = vrestore.load(name)
-    assert m.config()["scale"] == entry["scale"]
-    for f in [bundled_path(name), *bundled_paths(f"{name}:stage2")]:
+    first = bundled_path(name)  # None: stage 2 alone (qe-fast, qe-hq)
+    assert (first is None) == (name in ("qe-fast", "qe-hq"))
+    m = vrestore.load(first or bundled_paths(f"{name}:stage2")[0])
+    assert m.config().get("scale", m.config().get("upscale")) == entry["scale"]
+    for f in [*([first] if first else []), *bundled_paths(f"{name}:stage2")]:
         assert vrestore.load(f).vrestore_meta["stored_dtype"] == "float16", f
     for key in ("recipe", "stage2_recipe"):
         if key in entry:
@@ -64,16 +66,50 @@ def test_a_bundled_stage2_list_is_an_ensemble(tmp_path, monkeypatch, random_mode
     assert len(make_restorer("ens", ["one:stage2"], None, **kw).stage2s) == 1
 
 
+def test_a_bundled_model_without_a_stage_1_runs_its_stage_2_alone(tmp_path, monkeypatch, random_model, capsys):
+    """An entry with no stage-1 file runs its stage 2 (one or an ensemble) on the compressed frames; naming its
+    stage 1 says what it has instead; ``--model none`` with ``--stage2`` does the same for any checkpoint."""
+    from vrestore.cli import make_restorer
+    from vrestore.models import save
+
+    for i in (1, 2):
+        save(random_model("swinir_e24_color_dn", seed=i), tmp_path / f"s2_{i}.safetensors")
+    entries = {"lite": {"stage2": "s2_1.safetensors", "scale": 1},
+               "lite2": {"stage1": None, "stage2": ["s2_1.safetensors", "s2_2.safetensors"], "scale": 1}}
+    (tmp_path / "models.json").write_text(json.dumps(entries))
+    monkeypatch.setattr(vrestore.weights, "HERE", tmp_path)
+    assert bundled_path("lite") is None and bundled_paths("lite2") == []
+    kw = {"tta": False, "dedup": False, "device": "cpu", "dtype": "fp32", "chunk": 4, "overlap": 2, "tile": 0}
+    r = make_restorer("lite", None, None, **kw)
+    assert r.stage1 == [] and len(r.stage2s) == 1 and r.overlap == 0
+    assert len(make_restorer("lite2", None, None, **kw).stage2s) == 2
+    assert make_restorer("none", [str(tmp_path / "s2_2.safetensors")], None, **kw).stage1 == []
+    with pytest.raises(VrestoreError, match="bundled model lite has no stage 1; its files: lite:stage2"):
+        vrestore.load("lite")
+    with pytest.raises(VrestoreError, match="no stage 1 and no stage 2"):
+        make_restorer("lite", ["none"], None, **kw)
+    with pytest.raises(VrestoreError, match="no stage 1 and no stage 2"):
+        make_restorer("none", None, None, **kw)
+    with pytest.raises(VrestoreError, match="this model has no stage 1"):
+        make_restorer("lite", None, [str(tmp_path / "s2_1.safetensors")], **kw)
+    from typer.testing import CliRunner
+
+    from vrestore.cli import app
+
+    res = CliRunner().invoke(app, ["models"])
+    assert "  lite (x1, stage 2 only)" in res.output and "  lite2 (x1, 2 stage 2s averaged, no stage 1)" in res.output
+
+
 def test_bundled_weights_fit_the_25_mb_budget():
     """The issue's limit for the package's weights together (a file two models share counts once)."""
     files = {f for name in bundled_models() for part in ("", ":stage2") for f in bundled_paths(f"{name}{part}")}
     assert sum(f.stat().st_size for f in files) <= 25e6
 
 
-def test_qe_fast_is_qe_with_the_two_head_stage_2():
-    """qe-fast shares qe's stage 1 and differs only in its stage 2: SwinIR-T with 2 heads per block instead
-    of qe's 4 (the faster one), the same tensors but for the position-bias tables (a column per head)."""
-    assert bundled_path("qe-fast") == bundled_path("qe")
+def test_qe_fast_is_qe_s_stage_2_with_two_heads_and_no_stage_1():
+    """qe-fast runs its stage 2 alone, on the compressed frames: SwinIR-T with 2 heads per block instead of
+    qe's 4 (the faster one), the same tensors but for the position-bias tables (a column per head)."""
+    assert bundled_path("qe-fast") is None and bundled_path("qe") is not None
     fast, qe = vrestore.load(bundled_path("qe-fast:stage2")), vrestore.load(bundled_path("qe:stage2"))
     assert fast.config()["num_heads"] == [2, 2] and qe.config()["num_heads"] == [4, 4]
     fast_sd, qe_sd = fast.state_dict(), qe.state_dict()
@@ -85,10 +121,10 @@ def test_qe_fast_is_qe_with_the_two_head_stage_2():
         assert v.shape == want, k
 
 
-def test_qe_hq_is_qe_with_a_second_three_group_stage_2():
-    """qe-hq is a stage-2 ensemble on qe's stage 1: qe's own stage 2 and qe-fast's grown by a third residual
-    group (2 heads), whose outputs are averaged."""
-    assert bundled_path("qe-hq") == bundled_path("qe")
+def test_qe_hq_is_a_stage_2_ensemble_with_no_stage_1():
+    """qe-hq averages two stage 2s, each run on the compressed frames: qe's own and qe-fast's grown by a third
+    residual group (2 heads)."""
+    assert bundled_path("qe-hq") is None
     first, grown = bundled_paths("qe-hq:stage2")
     assert first == bundled_path("qe:stage2")
     cfg = vrestore.load(grown).config()
@@ -117,11 +153,11 @@ def test_bundled_x4_beats_bicubic_on_the_bundled_sample(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["qe", "qe-fast", "qe-hq"])
-def test_bundled_qe_both_stages_beat_the_compressed_input_on_the_bundled_sample(tmp_path, name):
-    """Model card: stage 1 + stage 2 gain +0.192 dB (qe), +0.191 dB (qe-fast) and +0.212 dB (qe-hq, two stage
-    2s averaged) on the held-out clips and +0.17 / +0.16 dB on the demo clip (stage 1 alone is the identity);
-    here the first 32 frames of the sample: +0.164, +0.161 and +0.177 dB measured (the stage 2 bundled before
-    qe's gave +0.129, and the one before that +0.029, which this bar rejects)."""
+def test_bundled_qe_models_beat_the_compressed_input_on_the_bundled_sample(tmp_path, name):
+    """Model card: +0.192 dB (qe, stage 1 + stage 2), +0.204 dB (qe-fast, its stage 2 alone) and +0.225 dB (qe-hq,
+    two stage 2s alone, averaged) on the held-out clips and +0.17 dB (qe) on the demo clip (stage 1 alone is the
+    identity); here the first 32 frames of the sample: +0.164, +0.175 and +0.192 dB measured (the stage 2
+    bundled before qe's gave +0.129, and the one before that +0.029, which this bar rejects)."""
     restorer = Restorer(bundled_path(name), bundled_paths(f"{name}:stage2"), chunk=32)
     gt, lq, out = _restore_sample(tmp_path, 1, restorer)
     before = metrics.score_video(gt, lq, "input").summary()["psnr_rgb"]

@@ -204,13 +204,13 @@ def cache_dir() -> Path:
 def ensure_onnx(spec: str | os.PathLike, frames: int = 32) -> Path:
     """An ONNX file for a checkpoint path or bundled name: exported once into
     the cache (keyed by the file's content, T and the opset), then reused."""
-    from ..weights import bundled_path
+    from ..weights import bundled_path, unresolved
 
     p = Path(spec)
     if not p.is_file():
         b = bundled_path(str(spec))
         if b is None:
-            raise VrestoreError(f"{spec}: no such checkpoint file or bundled model name")
+            raise unresolved(str(spec))
         p = b
     digest = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
     out = cache_dir() / f"{p.stem}-{digest}-T{frames}-op{OPSET}.onnx"

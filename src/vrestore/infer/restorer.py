@@ -114,7 +114,9 @@ class RestoreReport:
 class Restorer:
     """Chain stage 1 (one model, or several averaged: an ensemble), optional
     stage 2 (one, or several averaged on the same stage-1 output) and optional
-    x8 TTA; run it on clips, frame arrays or files.
+    x8 TTA; run it on clips, frame arrays or files. ``stage1=None`` runs stage 2
+    alone on the input frames (on the held-out clips the bundled stage 2s score
+    higher without the bundled stage 1: docs/models.md, "Stage 2 alone").
 
     ``tta``: x8 TTA around both stages. ``stage2_tta``: 1, 2, 4 or 8
     transforms around stage 2 only (``STAGE2_TTA``), stage 1 running once:
@@ -122,7 +124,9 @@ class Restorer:
     time where nothing is gained (docs/models.md, "Cheaper than x8 TTA").
 
     ``chunk``/``overlap``: frames per temporal window of the recurrent model
-    and frames shared by consecutive windows (blended linearly). ``tile``:
+    and frames shared by consecutive windows (stage 1's outputs blended
+    linearly, then stage 2 once per frame; with x8 TTA the final outputs are
+    blended); without stage 1 windows share nothing. ``tile``:
     split frames larger than ``tile`` x ``tile`` input pixels into tiles that
     overlap by ``tile_overlap`` pixels (0 = never tile). ``backend``: ``torch``,
     ``onnxruntime`` (exported graphs; checkpoints are exported on first use,
@@ -133,14 +137,15 @@ class Restorer:
     CPU cores, a few seconds for the sampling.
     """
 
-    def __init__(self, stage1: ModelSpec | list[ModelSpec], stage2: ModelSpec | list[ModelSpec] | None = None, *,
+    def __init__(self, stage1: ModelSpec | list[ModelSpec] | None, stage2: ModelSpec | list[ModelSpec] | None = None,
+                 *,
                  tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
                  overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int = 0,
                  dedup: bool = False, channels_last: bool | None = None, backend: str = "auto",
                  compile: bool = False, stage2_tta: int = 1):
-        specs = stage1 if isinstance(stage1, (list, tuple)) else [stage1]
-        if not specs:
-            raise VrestoreError("at least one stage-1 model is needed")
+        specs = list(stage1) if isinstance(stage1, (list, tuple)) else [] if stage1 in (None, "none") else [stage1]
+        if not specs and not stage2:
+            raise VrestoreError("nothing to run: give a stage-1 model, a stage-2 model or both")
         if backend not in BACKENDS:
             raise VrestoreError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.precision = devmod.select(device, dtype)
@@ -153,7 +158,7 @@ class Restorer:
         if frames:  # exported stage 1: the chunk is fixed by the graph
             chunk = frames.pop()
             overlap = min(overlap, chunk // 2)
-        scales = {getattr(m, "scale", 1) for m in self.stage1}
+        scales = {getattr(m, "scale", 1) for m in self.stage1} or {1}
         if len(scales) != 1:
             raise VrestoreError(f"ensemble members have different scales {sorted(scales)}")
         self.scale = scales.pop()
@@ -175,6 +180,8 @@ class Restorer:
                 # A copy: the frozen graph holds the weights as they are now, and the caller's module stays eager.
                 self.stage2s[i] = m = copy.deepcopy(m)
                 devmod.compile_units(m, inference=True)
+        if not self.stage1:  # stage 2 alone sees one frame at a time: windows need no shared frames
+            overlap = 0
         if chunk < 2 or not 0 <= overlap <= chunk // 2:
             raise VrestoreError(f"need --chunk >= 2 and 0 <= --overlap <= chunk/2 (got {chunk}, {overlap})")
         if stage2_tta not in STAGE2_TTA:
@@ -206,7 +213,10 @@ class Restorer:
 
     # -- one clip through everything -------------------------------------
     def _stage1(self, clip: torch.Tensor, pqfs: list[int] | None) -> torch.Tensor:
-        """clip (T, 3, H, W) -> (T, 3, sH, sW): ensemble average of stage-1 models."""
+        """clip (T, 3, H, W) -> (T, 3, sH, sW): ensemble average of stage-1 models; the clip itself
+        without one (stage 2 alone)."""
+        if not self.stage1:
+            return clip
         acc = None
         for m in self.stage1:
             with self.precision.autocast():
@@ -265,9 +275,12 @@ class Restorer:
                 norm[sl[1:]] += wgt
         return out / norm
 
-    def run_clip(self, clip: torch.Tensor, pqfs: list[int] | None = None) -> torch.Tensor:
+    def run_clip(self, clip: torch.Tensor, pqfs: list[int] | None = None, *, stage2: bool = True) -> torch.Tensor:
         """Restore one clip held in memory: (T, 3, H, W) float in [0, 1] ->
-        (T, 3, sH, sW) float (not clipped). TTA spans both stages."""
+        (T, 3, sH, sW) float (not clipped). TTA spans both stages. ``stage2=False``: stage 1's output (the
+        stream runs stage 2 itself, once per frame; not with x8 TTA, whose transforms pair the two stages)."""
+        if not stage2 and self.tta:
+            raise VrestoreError("x8 TTA spans both stages: stage 1 alone cannot be run under it")
         clip = clip.to(self.precision.device, torch.float32)
         transforms = range(8) if self.tta else [0]
         acc = None
@@ -275,7 +288,7 @@ class Restorer:
             for k in transforms:
                 x = tta_forward(clip, k)
                 y = self._tiled(lambda t, _p=pqfs: self._stage1(t, _p), x, self.tile, self.tile_overlap, self.scale)
-                y = tta_inverse(self._stage2(y), k)
+                y = tta_inverse(self._stage2(y) if stage2 else y, k)
                 acc = y if acc is None else acc + y
         return acc / len(transforms)
 
@@ -312,6 +325,11 @@ class Restorer:
                 return None
             return [p - s for p in unique_pqfs if s <= p < s + n]
 
+        # Without x8 TTA, windows are blended after stage 1 and stage 2 runs once per frame as it is
+        # emitted: blending after stage 2 ran it twice on every shared frame (chunk 32, overlap 8: 4/3 of
+        # the frames). x8 TTA pairs each transform's two stages, so there the windows' final outputs blend.
+        late = not self.tta
+
         def run(final: bool) -> None:
             nonlocal buf, start, pending
             ov = 0 if pending is None else pending.shape[0]
@@ -319,15 +337,19 @@ class Restorer:
                 out = pending
             else:
                 # The last window reaches back over frames already restored, so
-                # it has a full chunk of temporal context like the others.
-                ctx = min(self.chunk, len(recent)) - len(buf) if final else 0
+                # it has a full chunk of temporal context like the others (stage 2
+                # alone needs none).
+                ctx = min(self.chunk, len(recent)) - len(buf) if final and self.stage1 else 0
                 clip = list(recent)[len(recent) - len(buf) - ctx:] if ctx else buf
-                out = self.run_clip(torch.stack(clip), window_pqfs(start - ctx, len(clip)))[ctx:]
+                out = self.run_clip(torch.stack(clip), window_pqfs(start - ctx, len(clip)), stage2=not late)[ctx:]
                 if ov:
                     w = _ramp(2 * ov, 0, ov)[ov:].view(-1, 1, 1, 1).to(out.device)  # previous window's weight
                     out[:ov] = pending * w + out[:ov] * (1 - w)
             keep = 0 if final else min(self.overlap, len(buf) - ov - 1)
             done = out[: len(buf) - keep]
+            if late and self.stage2s:
+                with torch.inference_mode():
+                    done = self._stage2(done)
             arr = (done.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ready.extend(arr)
             pending = out[len(buf) - keep:] if keep else None

@@ -158,11 +158,11 @@ def load(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     path = Path(path)
     meta: dict[str, str] = {}
     if not path.is_file():
-        from ..weights import bundled_path
+        from ..weights import bundled_path, unresolved
 
         bundled = bundled_path(str(path))
         if bundled is None:
-            raise VrestoreError(f"{path}: no such checkpoint file or bundled model name")
+            raise unresolved(str(path))
         path = bundled
     if path.suffix == ".safetensors":
         try:

@@ -145,11 +145,16 @@ def _exclusive(lock: Path):
 def stage1_cache_key(stage1: str, root: str, clips: list[str], frames: int | None) -> str:
     """What a stage-1 output cache was made from (model file, data, clip names,
     frames per clip): a cache left in a run folder by other data or another
-    stage-1 model must not be reused silently."""
-    st = Path(stage1).stat()
-    return json.dumps({"stage1": str(Path(stage1).resolve()), "stage1_size": st.st_size,
-                       "stage1_mtime_ns": st.st_mtime_ns, "data": str(Path(root).resolve()),
-                       "clips": clips, "frames": frames}, sort_keys=True)
+    stage-1 model must not be reused silently. ``none``: stage 2 alone, its inputs the compressed frames."""
+    model = {"stage1": "none"} if no_stage1(stage1) else {
+        "stage1": str(Path(stage1).resolve()), "stage1_size": (st := Path(stage1).stat()).st_size,
+        "stage1_mtime_ns": st.st_mtime_ns}
+    return json.dumps(model | {"data": str(Path(root).resolve()), "clips": clips, "frames": frames}, sort_keys=True)
+
+
+def no_stage1(stage1: object) -> bool:
+    """``data.stage1: none``: a stage 2 trained to run alone, on the compressed frames themselves."""
+    return str(stage1).lower() == "none"
 
 
 def init_distributed(precision: devmod.Precision) -> tuple[int, int, devmod.Precision]:
@@ -384,14 +389,17 @@ class Trainer:
         from ..infer.restorer import Restorer
 
         clips = PairedClips(root, 2, 2, dedup=False)
-        r = Restorer(self.cfg.data.stage1, device=str(self.precision.device), dtype="auto",
-                     chunk=int(self.cfg.data.get("chunk", 30)))
+        r = None  # stage 2 alone (data.stage1: none): its inputs are the compressed frames
+        if not no_stage1(self.cfg.data.stage1):
+            r = Restorer(self.cfg.data.stage1, device=str(self.precision.device), dtype="auto",
+                         chunk=int(self.cfg.data.get("chunk", 30)))
         counts = [min(int(limit or len(c.lq)), len(c.lq)) for c in clips.clips]
         pb = self._progress  # minutes of stage-1 inference on a CPU before the first step: show it
         task = pb.add_task(f"stage-1 outputs -> {name}", total=sum(counts), rate="") if pb is not None else None
         for k, (c, n) in enumerate(zip(clips.clips, counts, strict=True)):
-            # a writable copy of the clip: the restorer hands frames to torch.from_numpy
-            save_npy(out / f"input_{k}.npy", r.restore_frames(np.array(c.lq[:n]), sorted(p for p in c.pqfs if p < n)))
+            lq = np.array(c.lq[:n])  # a writable copy: the restorer hands frames to torch.from_numpy
+            out_lq = lq if r is None else r.restore_frames(lq, sorted(p for p in c.pqfs if p < n))
+            save_npy(out / f"input_{k}.npy", out_lq)
             save_npy(out / f"gt_{k}.npy", c.gt[:n])
             log.info("stage-1 cache: %s (%d frames)", c.name, n)
             if task is not None:

@@ -41,3 +41,14 @@ def bundled_path(name: str) -> Path | None:
         names = ", ".join(p.name for p in paths)
         raise VrestoreError(f"{name} is an ensemble of {len(paths)} stage-2 files ({names}): name one by its path")
     return paths[0] if paths else None
+
+
+def unresolved(name: str) -> VrestoreError:
+    """The error for a name that ``bundled_path`` does not resolve; it says so when ``name`` is a bundled
+    model that lacks the part asked for (a stage-2-only model has no stage-1 file)."""
+    base, _, part = name.partition(":")
+    entry = bundled_models().get(base)
+    if entry is not None and part in ("", "stage1", "stage2") and not entry.get(part or "stage1"):
+        lacks, has = ("stage 2", "stage1") if part == "stage2" else ("stage 1", "stage2")
+        return VrestoreError(f"{name}: the bundled model {base} has no {lacks}; its files: {base}:{has}")
+    return VrestoreError(f"{name}: no such checkpoint file or bundled model name")
