@@ -179,3 +179,6 @@ def test_a_stage2_trained_to_run_alone_caches_the_compressed_frames(tmp_path, ti
     trainer.run(None)
     recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_psnr" in r for r in recs)
+    del cfg.data["stage1"]  # forgotten: an error, not a silent stage 2 on the compressed frames
+    with pytest.raises(VrestoreError, match="needs data.stage1"):
+        Trainer(cfg)._stage1_cache(str(tiny_pairs), "stage1_cache")

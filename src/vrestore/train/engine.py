@@ -154,7 +154,7 @@ def stage1_cache_key(stage1: str, root: str, clips: list[str], frames: int | Non
 
 def no_stage1(stage1: object) -> bool:
     """``data.stage1: none``: a stage 2 trained to run alone, on the compressed frames themselves."""
-    return str(stage1).lower() == "none"
+    return isinstance(stage1, str) and stage1.lower() == "none"
 
 
 def init_distributed(precision: devmod.Precision) -> tuple[int, int, devmod.Precision]:
@@ -360,6 +360,9 @@ class Trainer:
         from ..data.pairs import CACHE_INDEX, read_meta
 
         d = self.cfg.data
+        if not d.get("stage1"):
+            raise VrestoreError("a stage1_cache step needs data.stage1: a stage-1 checkpoint, or none for a stage 2 "
+                                "that will run alone on the compressed frames")
         cache, index = self.out / name, self.out / name / CACHE_INDEX
         limit = frames or d.get("cache_frames")
         # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
