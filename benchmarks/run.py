@@ -269,37 +269,34 @@ def speed() -> None:
     _save("speed", {"naive": naive, "ours": ours, "speedup": ours["fps"] / naive["fps"]})
 
 
-def _at_target_size(model: str, *stage2: str, extra: tuple[str, ...] = ()) -> dict:
-    """`vrestore bench` of one pipeline at 854x480 (the speed target's size), 20 frames after 4 of warm-up;
-    several stage 2s are an ensemble; ``extra``: more `bench` options."""
+def _at_target_size(model: str, *stage2: str, extra: tuple[str, ...] = (), frames: int = 20) -> dict:
+    """`vrestore bench` of one pipeline at 854x480 (the speed target's size), ``frames`` frames after 4 of
+    warm-up; several stage 2s are an ensemble; ``extra``: more `bench` options."""
     return _subprocess(["--model", model, *(a for s in stage2 for a in ("--stage2", s)), "--size", "854x480",
-                        "--frames", "20", "--warmup", "4", *extra])
+                        "--frames", str(frames), "--warmup", "4", *extra])
 
 
-def bundled() -> None:
-    """Frames/s of each bundled same-size model as ``restore`` runs it (its own stage 2), and of stage 1
-    alone, at 854x480 (the speed target's size), one after the other so the rows compare."""
+def _bundled_rows(name: str, frames: int) -> None:
+    """Each bundled same-size model as ``restore`` runs it (its own stage 2, `restore`'s default windows),
+    and stage 1 alone (the control), one after the other so the rows compare; saved as ``name``."""
     rows = []
     for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe-hq", "auto"), ("qe", "none")):
-        r = _at_target_size(model, stage2)
-        rows.append({"model": model, "stage2": r["stage2_used"], "stage2_members": r["stage2_members"],
-                     "fps": r["fps"], "sec_per_frame": 1 / r["fps"],
-                     "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
-    _save("bundled", {"input": "854x480", "frames": 20, "warmup": 4, "rows": rows})
-
-
-def stream() -> None:
-    """Frames/s over 96 frames at 854x480 with `restore`'s default windows (32 frames, 8 shared by
-    consecutive windows): the steady state of a long video, which pays for the shared frames, where
-    `bundled`'s 20 frames fit in one window. Stage 1 alone is the control."""
-    rows = []
-    for model, stage2 in (("qe", "auto"), ("qe-fast", "auto"), ("qe-hq", "auto"), ("qe", "none")):
-        r = _subprocess(["--model", model, "--stage2", stage2, "--size", "854x480", "--frames", "96",
-                         "--warmup", "4"])
+        r = _at_target_size(model, stage2, frames=frames)
         rows.append({"model": model, "stage2": r["stage2_used"], "stage2_members": r["stage2_members"],
                      "fps": r["fps"], "sec_per_frame": 1 / r["fps"], "chunk": r["chunk"], "overlap": r["overlap"],
                      "peak_rss_mb": r["peak_rss_mb"], "precision": r["precision"]})
-    _save("stream", {"input": "854x480", "frames": 96, "warmup": 4, "rows": rows})
+    _save(name, {"input": "854x480", "frames": frames, "warmup": 4, "rows": rows})
+
+
+def bundled() -> None:
+    """Frames/s of the bundled same-size models at 854x480 (the speed target's size), 20 frames: one window."""
+    _bundled_rows("bundled", 20)
+
+
+def stream() -> None:
+    """The same over 96 frames: `restore`'s default windows (32 frames, 8 shared by consecutive windows),
+    the steady state of a long video, which pays for the shared frames that `bundled`'s 20 never reach."""
+    _bundled_rows("stream", 96)
 
 
 def _pipelines(name: str, cases: list[tuple[str, tuple[str, ...], int]]) -> None:

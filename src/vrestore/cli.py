@@ -317,8 +317,7 @@ def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, 
     from .infer.restorer import Restorer
     from .weights import bundled_path, bundled_paths
 
-    stage1 = [] if model is None or model in ("none", "") else [model]
-    stage1 += list(ensemble or [])
+    first = [] if model is None or model in ("none", "") else [model]
     second = list(stage2) if isinstance(stage2, (list, tuple)) else [] if stage2 is None else [stage2]
 
     def files(spec: ModelSpec) -> list[ModelSpec]:
@@ -329,20 +328,20 @@ def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, 
     second = [f for s in second for f in files(s)]
     if isinstance(model, str) and model in bundled_models():
         own = bundled_path(model)  # None: a bundled model that runs stage 2 alone (qe-fast)
-        stage1 = [str(own)] + stage1[1:] if own else stage1[1:]
+        first = [str(own)] if own else []
         if not second:
             second = [str(p) for p in bundled_paths(f"{model}:stage2")]
     if any(s in ("none", "") for s in second):
         if len(second) > 1:
             raise VrestoreError("--stage2 none skips stage 2: it cannot be given with other stage-2 checkpoints")
         second = []
-    if not stage1 and not second:
-        raise VrestoreError(f"{model}: no stage 1 and no stage 2 left to run (--model none needs --stage2)")
-    if ensemble and not stage1[: len(stage1) - len(ensemble)]:
+    if ensemble and not first:
         raise VrestoreError("--ensemble averages stage-1 models with --model's: this model has no stage 1")
-    return Restorer(stage1, second or None, tta=tta, device=device, dtype=dtype, chunk=chunk, overlap=overlap,
-                    tile=tile, dedup=dedup, backend=backend, compile=compile, channels_last=channels_last,
-                    stage2_tta=stage2_tta)
+    if not first and not second:
+        raise VrestoreError(f"{model}: no stage 1 and no stage 2 left to run (--model none needs --stage2)")
+    return Restorer(first + list(ensemble or []), second or None, tta=tta, device=device, dtype=dtype, chunk=chunk,
+                    overlap=overlap, tile=tile, dedup=dedup, backend=backend, compile=compile,
+                    channels_last=channels_last, stage2_tta=stage2_tta)
 
 
 _EXT = {"x264": ".mp4", "x265": ".mp4", "ffv1": ".mkv", "png": ""}

@@ -17,13 +17,17 @@ graphs keep that form, whose sizes stay symbolic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_arch, register_model
+
+T = TypeVar("T")
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -59,6 +63,18 @@ def shift_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     mw = window_partition(img, ws).squeeze(-1)
     m = mw.unsqueeze(1) - mw.unsqueeze(2)
     return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+def cached_for_size(owner: nn.Module, attr: str, key: tuple, build: Callable[[], T]) -> T:
+    """What ``owner.<attr>`` holds as (key, value) for the last input size and device, else ``build()``, which
+    replaces it: a video's frames share one size, so frames after the first build nothing. Built outside
+    inference mode, since a later training call at that size may save the tensors for backward."""
+    held = getattr(owner, attr)
+    if held is None or held[0] != key:
+        with torch.inference_mode(False):
+            held = (key, build())
+        setattr(owner, attr, held)
+    return held[1]
 
 
 def edge_windows(h: int, w: int, ws: int) -> list[int]:
@@ -172,41 +188,36 @@ class SwinTransformerBlock(nn.Module):
         self.attn = WindowAttention(dim, ws, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self._plan: tuple[tuple, list] | None = None
 
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
         """The shift mask for an h x w input (cached for the last size)."""
         if not self.shift:
             return None
-        key = (h, w)
-        if key not in self._masks or self._masks[key].device != device:
-            self._masks = {key: shift_mask(h, w, self.ws, self.shift).to(device)}
-        return self._masks[key]
+        return cached_for_size(self, "_mask_cache", (h, w, device),
+                               lambda: shift_mask(h, w, self.ws, self.shift).to(device))
 
     def _chunks(self, h: int, w: int, b: int, device: torch.device) -> list[tuple]:
         """``forward_windows``' chunks of the b*nW windows: (start, end, the
         chunk's edge windows, their masks), or None for both in an unshifted
-        block. Cached for the last size, so frames after the first build
-        nothing; built outside inference mode, since the indices are saved for
-        backward when a later call trains."""
-        key = (h, w, b, self.chunk_windows, device)
-        if self._plan is not None and self._plan[0] == key:
-            return self._plan[1]
+        block; built once per size (``cached_for_size``)."""
+        return cached_for_size(self, "_plan", (h, w, b, self.chunk_windows, device),
+                               lambda: self._plan_chunks(h, w, b, device))
+
+    def _plan_chunks(self, h: int, w: int, b: int, device: torch.device) -> list[tuple]:
         mask = self._mask(h, w, device)
         nw = (h // self.ws) * (w // self.ws)
         edges = [img * nw + e for img in range(b) for e in edge_windows(h, w, self.ws)] if mask is not None else []
         plan = []
-        with torch.inference_mode(False):
-            for i in range(0, b * nw, self.chunk_windows):
-                j = min(i + self.chunk_windows, b * nw)
-                if mask is None:
-                    plan.append((i, j, None, None))
-                    continue
-                sel = [e for e in edges if i <= e < j]
-                plan.append((i, j, torch.tensor([e - i for e in sel], dtype=torch.long, device=device),
-                             mask[torch.tensor([e % nw for e in sel], dtype=torch.long, device=device)]))
-        self._plan = (key, plan)
+        for i in range(0, b * nw, self.chunk_windows):
+            j = min(i + self.chunk_windows, b * nw)
+            if mask is None:
+                plan.append((i, j, None, None))
+                continue
+            sel = [e for e in edges if i <= e < j]
+            plan.append((i, j, torch.tensor([e - i for e in sel], dtype=torch.long, device=device),
+                         mask[torch.tensor([e % nw for e in sel], dtype=torch.long, device=device)]))
         return plan
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -289,19 +300,12 @@ class RSTB(nn.Module):
     def _orders(self, hw: tuple[int, int], device: torch.device) -> list[torch.Tensor]:
         """The gathers of ``forward``: image order into the first block's
         windows, each block's windows into the next one's, the last back to
-        image order. Cached for the last size and device (frames after the
-        first build nothing, a GPU receives them once); built outside
-        inference mode, since ``index_select`` saves them for backward when a
-        later call trains."""
-        key = (hw, device)
-        if self._order_cache is None or self._order_cache[0] != key:
-            blocks = self.residual_group.blocks
-            shifts = [None, *(blk.shift for blk in blocks), None]
-            with torch.inference_mode(False):
-                orders = [reorder_index(*hw, blocks[0].ws, a, b).to(device)
-                          for a, b in zip(shifts, shifts[1:], strict=False)]
-            self._order_cache = (key, orders)
-        return self._order_cache[1]
+        image order; built once per size and device (``cached_for_size``), so a
+        GPU receives them once."""
+        blocks = self.residual_group.blocks
+        shifts = [None, *(blk.shift for blk in blocks), None]
+        return cached_for_size(self, "_order_cache", (hw, device), lambda: [
+            reorder_index(*hw, blocks[0].ws, a, b).to(device) for a, b in zip(shifts, shifts[1:], strict=False)])
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         y = x

@@ -146,10 +146,11 @@ def stage1_cache_key(stage1: str, root: str, clips: list[str], frames: int | Non
     """What a stage-1 output cache was made from (model file, data, clip names,
     frames per clip): a cache left in a run folder by other data or another
     stage-1 model must not be reused silently. ``none``: stage 2 alone, its inputs the compressed frames."""
-    model = {"stage1": "none"} if no_stage1(stage1) else {
-        "stage1": str(Path(stage1).resolve()), "stage1_size": (st := Path(stage1).stat()).st_size,
-        "stage1_mtime_ns": st.st_mtime_ns}
-    return json.dumps(model | {"data": str(Path(root).resolve()), "clips": clips, "frames": frames}, sort_keys=True)
+    key = {"stage1": "none", "data": str(Path(root).resolve()), "clips": clips, "frames": frames}
+    if not no_stage1(stage1):
+        st = Path(stage1).stat()
+        key |= {"stage1": str(Path(stage1).resolve()), "stage1_size": st.st_size, "stage1_mtime_ns": st.st_mtime_ns}
+    return json.dumps(key, sort_keys=True)
 
 
 def no_stage1(stage1: object) -> bool:
