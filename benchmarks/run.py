@@ -9,6 +9,7 @@ benchmarks/RESULTS.md (regenerated from the JSON files).
     python benchmarks/run.py speed      # end to end c64n7 at 960x536: ours vs fp32 whole-sequence eager
     python benchmarks/run.py bundled    # the bundled same-size models as `restore` runs them, 854x480
     python benchmarks/run.py stream     # the same over 96 frames: the steady state with the windows' shared frames
+    python benchmarks/run.py long_video # stage 1's compiled DCN sampling: saving per frame, compile cost, break-even
     python benchmarks/run.py stage2_depth   # bundled pipelines vs stage 2s grown by a third group, 854x480
     python benchmarks/run.py quality_modes  # stage-2 TTA (2, 8), stage-2 ensembles (qe-hq) vs the bundled, 854x480
     python benchmarks/run.py swin1080   # SwinIR-M on one 1080p frame: time and peak memory
@@ -32,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,12 +54,13 @@ def _timeit(fn, repeat: int = 5, warmup: int = 2) -> float:
     return min(ts)
 
 
-def _child(args: list[str], malloc: str = "kept"):
+def _child(args: list[str], malloc: str = "kept", env: dict[str, str] | None = None):
     """The JSON a child process prints last (``python ARGS`` with ``VRESTORE_MALLOC=malloc``: "system" leaves
     glibc's allocator as it is; otherwise freed memory stays mapped, see
-    vrestore.infer.device.keep_freed_memory). Each allocator setting needs its own process."""
+    vrestore.infer.device.keep_freed_memory; ``env``: more variables). Each allocator setting needs its own
+    process."""
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True,
-                         env=os.environ | {"VRESTORE_MALLOC": malloc})
+                         env=os.environ | {"VRESTORE_MALLOC": malloc} | (env or {}))
     lines = out.stdout.splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith(("{", "[")))
     return json.loads("\n".join(lines[start:]))
@@ -245,9 +248,38 @@ def chunks() -> None:
                      "per_frame_psnr": [round(float(p), 2) if np.isfinite(p) else "inf" for p in per]})
 
 
-def _subprocess(args: list[str], malloc: str = "kept") -> dict:
+def _subprocess(args: list[str], malloc: str = "kept", env: dict[str, str] | None = None) -> dict:
     """`vrestore bench` in a child process."""
-    return _child(["-m", "vrestore.cli", "bench", *args], malloc)
+    return _child(["-m", "vrestore.cli", "bench", *args], malloc, env)
+
+
+def long_video() -> None:
+    """What compiling stage 1's deformable sampling costs and saves, the measurement behind `restore` doing it
+    by itself for long videos (vrestore.infer.restorer.COMPILED_DCN_FROM): steady frames/s with either
+    sampler, and the extra seconds of a first run that compiles (a fresh inductor cache) or finds it cached."""
+    from vrestore.infer.restorer import COMPILED_DCN_FROM
+
+    def bench(model: str, stage2: str, size: str, sampler: str, frames: int, warmup: int, **env) -> dict:
+        return _subprocess(["--model", model, "--stage2", stage2, "--size", size, "--frames", str(frames),
+                            "--warmup", str(warmup)], env={"VRESTORE_DCN_SAMPLER": sampler, **env})
+
+    rows = []
+    for model, stage2, size in (("qe", "none", "854x480"), ("qe", "auto", "854x480"), ("x4", "none", "214x120")):
+        fps = {s: bench(model, stage2, size, s, 20, 4)["fps"] for s in ("grid_sample", "auto")}
+        rows.append({"model": model, "stage2": stage2, "input": size, "fps_grid_sample": fps["grid_sample"],
+                     "fps_compiled": fps["auto"], "speedup": fps["auto"] / fps["grid_sample"],
+                     "ms_saved_per_frame": 1000 * (1 / fps["grid_sample"] - 1 / fps["auto"])})
+    saved = rows[0]["ms_saved_per_frame"] / 1000  # qe's stage 1 at 854x480
+    with tempfile.TemporaryDirectory() as cache:  # a fresh inductor cache: the first run on a machine
+        first = {s: bench("qe", "none", "854x480", s, 8, 0, TORCHINDUCTOR_CACHE_DIR=cache)["seconds"]
+                 for s in ("grid_sample", "auto")}
+        cached = bench("qe", "none", "854x480", "auto", 8, 0, TORCHINDUCTOR_CACHE_DIR=cache)["seconds"]
+    cold = first["auto"] - first["grid_sample"] + 8 * saved  # the 8 compiled frames were faster too
+    warm = cached - first["grid_sample"] + 8 * saved
+    _save("long_video", {"rows": rows, "compile_s_first": cold, "compile_s_cached": warm,
+                         "break_even_frames_854x480_first": cold / saved,
+                         "break_even_frames_854x480_cached": warm / saved,
+                         "threshold_frames_854x480": COMPILED_DCN_FROM / (856 * 480 // 16)})
 
 
 def memory() -> None:
@@ -584,7 +616,8 @@ if __name__ == "__main__":
 
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
-           "bundled": bundled, "stream": stream, "stage2_depth": stage2_depth, "quality_modes": quality_modes,
+           "bundled": bundled, "stream": stream, "long_video": long_video, "stage2_depth": stage2_depth,
+           "quality_modes": quality_modes,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]

@@ -470,8 +470,9 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
 
             rep = restorer.restore_video(src, output, codec=codec, quality=quality, pqfs=pqfs, overwrite=overwrite,
                                          raw=raw, progress=tick)
+        compiled = ", deformable sampling compiled (long video)" if rep.extra["dcn_sampler"] == "auto" else ""
         out.print(f"wrote {rep.output}: {rep.frames} frames in {rep.seconds:.1f} s ({rep.fps:.2f} fps, "
-                  f"{rep.extra['precision']})", highlight=False)
+                  f"{rep.extra['precision']}{compiled})", highlight=False)
         _warn_damage(src, rep)
         return
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

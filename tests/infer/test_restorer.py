@@ -210,6 +210,50 @@ def test_dedup_repeats_outputs(small_frames, random_model):
     assert psnr(out[4], plain[2]) > 40
 
 
+def test_long_videos_compile_the_dcn_sampler(tmp_path, small_frames, random_model, monkeypatch):
+    """``restore_video`` compiles stage 1's deformable sampling for a video long enough to repay it (stage-1
+    feature pixels x frames), and only there; the output is the default path's within a grey level."""
+    from vrestore.infer import restorer as rmod
+    from vrestore.models import dcn
+    from vrestore.video.io import VideoWriter
+
+    monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
+    same, x4 = random_model("basicvsrpp_c16n2_x1"), random_model("basicvsrpp_c16n2_x4")
+    frames_at = -(-rmod.COMPILED_DCN_FROM // (856 * 480 // 16))  # same size: features at 1/4 per side
+    assert _fp32(same).dcn_sampler_for(856, 480, frames_at) == "auto"
+    assert _fp32(same).dcn_sampler_for(856, 480, frames_at - 1) is None
+    assert _fp32(x4).dcn_sampler_for(214, 120, frames_at) == "auto"  # x4: features at the input's size
+    assert _fp32(same).dcn_sampler_for(214, 120, frames_at) is None
+    many = 10 * frames_at
+    assert _fp32(same).dcn_sampler_for(856, 480, None) is None  # length unknown
+    assert _fp32(same, tile=64).dcn_sampler_for(856, 480, many) is None  # each tile size would compile
+    assert _fp32(same, compile=True).dcn_sampler_for(856, 480, many) is None  # already set on its layers
+    assert _fp32(None, random_model("swinir_e24_color_dn")).dcn_sampler_for(856, 480, many) is None
+
+    src = tmp_path / "in.mkv"
+    with VideoWriter(src, fps=25, codec="ffv1") as w:
+        for f in small_frames[:6]:
+            w.write(f)
+    gathered = []
+    real = dcn._by_gather
+
+    def spy(*a, **kw):
+        gathered.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(dcn, "_by_gather", spy)
+    plain = _fp32(same, chunk=6, overlap=0).restore_video(src, tmp_path / "plain.mkv")
+    assert plain.extra["dcn_sampler"] == "default" and not gathered
+    monkeypatch.setattr(rmod, "COMPILED_DCN_FROM", 1)
+    long = _fp32(same, chunk=6, overlap=0).restore_video(src, tmp_path / "long.mkv")
+    assert long.extra["dcn_sampler"] == "auto"
+    if dcn._have_compiler() and dcn._COMPILED_OK:
+        assert gathered  # the compiled sampler ran
+    a = np.stack([f.rgb for f in VideoReader(tmp_path / "plain.mkv")]).astype(int)
+    b = np.stack([f.rgb for f in VideoReader(tmp_path / "long.mkv")]).astype(int)
+    assert a.shape == b.shape == small_frames[:6].shape and np.abs(a - b).max() <= 1
+    assert {m.sampler for m in same.modules() if isinstance(m, dcn.ModulatedDeformConv2d)} == {None}
+
+
 def test_restore_video_keeps_count_rate_colour_and_audio(tmp_path, bbb, random_model):
     from vrestore.video.io import VideoWriter
 

@@ -172,6 +172,28 @@ def test_auto_sampler_gathers_for_cpu_inference_only(monkeypatch):
         dcn._use_gather("gather", x, off, mask, w, b, 4, 2)
 
 
+def test_default_sampler_applies_to_layers_without_their_own(monkeypatch):
+    """``default_sampler`` (what a long video's restore sets) reaches layers whose sampler is None, for the block
+    only; a layer's own sampler and a user's ``VRESTORE_DCN_SAMPLER`` both win over it."""
+    from vrestore.models import dcn
+
+    monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
+    x, off, mask, w, b = _dcn_inputs(6)
+    args = (x, off, mask, w, b, 2, 4)
+    with torch.no_grad():
+        with dcn.default_sampler("auto"):
+            assert dcn._use_gather(None, *args)
+            assert not dcn._use_gather("grid_sample", *args)
+            with dcn.default_sampler(None):  # None: no change
+                assert dcn._use_gather(None, *args)
+            monkeypatch.setenv("VRESTORE_DCN_SAMPLER", "grid_sample")
+            assert not dcn._use_gather(None, *args)
+            monkeypatch.delenv("VRESTORE_DCN_SAMPLER")
+        assert not dcn._use_gather(None, *args)
+        with pytest.raises(ValueError, match="unknown DCN sampler"), dcn.default_sampler("fast"):
+            pass
+
+
 def test_set_sampler_reaches_every_layer_of_a_model():
     from vrestore.models import build
     from vrestore.models.dcn import ModulatedDeformConv2d, set_sampler

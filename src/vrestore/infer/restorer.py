@@ -20,13 +20,18 @@ import torch
 from torch import nn
 
 from ..errors import VrestoreError
-from ..models.dcn import set_sampler
+from ..models.dcn import ModulatedDeformConv2d, default_sampler, set_sampler
 from . import device as devmod
 
 log = logging.getLogger(__name__)
 
 ModelSpec = nn.Module | str | os.PathLike
 BACKENDS = ("auto", "torch", "onnxruntime")
+#: Stage-1 feature pixels x frames from which ``restore_video`` compiles the deformable convolutions' sampler
+#: (``"auto"``). Measured on this project's 2-core CPU at 854x480 (features 214x120 for the same-size model):
+#: compiling costs 11.5 s the first time and 4 s with inductor's cache, and saves about 60 ms per frame, so it
+#: pays after about 190 frames; the threshold (about 390 such frames, 170 at 1280x720) is twice that.
+COMPILED_DCN_FROM = 10_000_000
 
 
 def _is_onnx(spec: object) -> bool:
@@ -377,6 +382,19 @@ class Restorer:
             raise VrestoreError(f"expected (T, H, W, 3) frames, got {frames.shape}")
         return np.stack(list(self.stream(list(frames), pqfs)))
 
+    def dcn_sampler_for(self, width: int, height: int, num_frames: int | None) -> str | None:
+        """``"auto"`` (the compiled sampler where it can run) for a video long enough to repay compiling it
+        (``COMPILED_DCN_FROM``), else None (the layers' own choice). Only for torch stage-1 modules with
+        deformable convolutions of the default sampler (``--compile`` has already set theirs), and not with
+        ``--tile``, whose edge tiles would each compile again."""
+        layers = [(m, d) for m in self.stage1 if isinstance(m, nn.Module)
+                  for d in m.modules() if isinstance(d, ModulatedDeformConv2d)]
+        if not num_frames or not layers or self.tile or any(d.sampler is not None for _, d in layers):
+            return None
+        # BasicVSR++ pads to a multiple of its feature scale: features at 1/4 size (same size) or full (x4).
+        per_frame = max(width * height // getattr(m, "multiple", 1) ** 2 for m, _ in layers)
+        return "auto" if per_frame * num_frames >= COMPILED_DCN_FROM else None
+
     def restore_video(self, src: str | os.PathLike, dst: str | os.PathLike, *, codec: str | None = None,
                       quality: int | None = None, pqfs: list[int] | str | None = "auto", overwrite: bool = False,
                       progress: Callable[[int, int | None], None] | None = None, raw=None) -> RestoreReport:
@@ -406,15 +424,16 @@ class Restorer:
                 pts_list.append(fr.pts)
                 yield fr.rgb
 
+        sampler = self.dcn_sampler_for(info.width, info.height, info.num_frames)
         t0 = time.perf_counter()
         n = 0
         try:
-            gen = self.stream(frames(), pqfs if isinstance(pqfs, list) else None)
-            for out in gen:
-                writer.write(out, pts_list[n] if info.kind == "container" else None)
-                n += 1
-                if progress:
-                    progress(n, info.num_frames)
+            with default_sampler(sampler):
+                for out in self.stream(frames(), pqfs if isinstance(pqfs, list) else None):
+                    writer.write(out, pts_list[n] if info.kind == "container" else None)
+                    n += 1
+                    if progress:
+                        progress(n, info.num_frames)
             if n == 0:
                 raise VrestoreError(f"{src}: holds no decodable frames")
             writer.close()
@@ -426,7 +445,7 @@ class Restorer:
         unique = self.stats["unique_frames"]
         dt = time.perf_counter() - t0
         extra = {"corrupt_packets": reader.corrupt_packets, "truncated": reader.truncated,
-                 "precision": self.engine}
+                 "precision": self.engine, "dcn_sampler": sampler or "default"}
         return RestoreReport(str(src), str(dst), n, unique, dt, n / dt if dt else 0.0,
                              pqfs if isinstance(pqfs, list) else None, extra)
 

@@ -18,14 +18,18 @@ sum over channels and kernel points is a 1x1 convolution (oneDNN) over them:
 
 ``"auto"`` takes ``"gather"`` for CPU inference where a C++ compiler is found,
 else ``"grid_sample"``; it is what ``restore --compile`` sets on stage 1's
-layers (``set_sampler``). The default is ``"grid_sample"`` (or
-``VRESTORE_DCN_SAMPLER``): compiling costs seconds per feature size, more than
-a short clip gains (the 48-frame demo: 79 s with grid_sample, 86 s with the
-gather sampler compiled before, 117 s compiling it first).
+layers (``set_sampler``). A layer without a sampler of its own follows
+``VRESTORE_DCN_SAMPLER`` if set, else the block's ``default_sampler``, else
+``"grid_sample"``: compiling costs seconds per feature size, more than a short
+clip gains (the 48-frame demo: 79 s with grid_sample, 86 s with the gather
+sampler compiled before, 117 s compiling it first), so ``Restorer.restore_video``
+asks for ``"auto"`` only for videos long enough to repay it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -50,7 +54,7 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
                             groups: int = 1, deform_groups: int = 1, sampler: str | None = None) -> torch.Tensor:
     """x (N, C, H, W); offset (N, 2*dg*kh*kw, Ho, Wo); mask (N, dg*kh*kw, Ho, Wo);
     weight (Cout, C/groups, kh, kw) -> (N, Cout, Ho, Wo). ``sampler``: one of
-    ``SAMPLERS`` (None: ``VRESTORE_DCN_SAMPLER``, else ``"grid_sample"``)."""
+    ``SAMPLERS`` (None: ``VRESTORE_DCN_SAMPLER``, else ``default_sampler``'s, else ``"grid_sample"``)."""
     n, c, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     sh, sw = _pair(stride)
@@ -88,8 +92,26 @@ def _check_sampler(sampler: str) -> None:
         raise ValueError(f"unknown DCN sampler {sampler!r}; expected one of {SAMPLERS}")
 
 
+_DEFAULT_SAMPLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcn_sampler", default=None)
+
+
+@contextlib.contextmanager
+def default_sampler(sampler: str | None):
+    """Within the block, layers without a sampler of their own use ``sampler`` (None: no change), unless the
+    user set ``VRESTORE_DCN_SAMPLER``: a per-call choice (a long video) that leaves the modules as they are."""
+    if sampler is None:
+        yield
+        return
+    _check_sampler(sampler)
+    token = _DEFAULT_SAMPLER.set(sampler)
+    try:
+        yield
+    finally:
+        _DEFAULT_SAMPLER.reset(token)
+
+
 def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int, dg: int) -> bool:
-    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER", "grid_sample")
+    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER") or _DEFAULT_SAMPLER.get() or "grid_sample"
     _check_sampler(sampler)
     if sampler == "grid_sample":
         return False
