@@ -220,11 +220,16 @@ def test_long_videos_compile_the_dcn_sampler(tmp_path, small_frames, random_mode
     monkeypatch.delenv("VRESTORE_DCN_SAMPLER", raising=False)
     same, x4 = random_model("basicvsrpp_c16n2_x1"), random_model("basicvsrpp_c16n2_x4")
     frames_at = -(-rmod.COMPILED_DCN_FROM // (856 * 480 // 16))  # same size: features at 1/4 per side
+    many = 10 * frames_at
+    with monkeypatch.context() as mp:  # no C++ compiler (or a GPU): nothing to compile
+        mp.setattr(dcn, "_have_compiler", lambda: False)
+        assert _fp32(same).dcn_sampler_for(856, 480, many) is None
+    if not dcn.can_compile_on("cpu"):
+        pytest.skip("no C++ compiler here: the compiled path cannot run")
     assert _fp32(same).dcn_sampler_for(856, 480, frames_at) == "auto"
     assert _fp32(same).dcn_sampler_for(856, 480, frames_at - 1) is None
     assert _fp32(x4).dcn_sampler_for(214, 120, frames_at) == "auto"  # x4: features at the input's size
     assert _fp32(same).dcn_sampler_for(214, 120, frames_at) is None
-    many = 10 * frames_at
     assert _fp32(same).dcn_sampler_for(856, 480, None) is None  # length unknown
     assert _fp32(same, tile=64).dcn_sampler_for(856, 480, many) is None  # each tile size would compile
     assert _fp32(same, compile=True).dcn_sampler_for(856, 480, many) is None  # already set on its layers
@@ -245,13 +250,20 @@ def test_long_videos_compile_the_dcn_sampler(tmp_path, small_frames, random_mode
     assert plain.extra["dcn_sampler"] == "default" and not gathered
     monkeypatch.setattr(rmod, "COMPILED_DCN_FROM", 1)
     long = _fp32(same, chunk=6, overlap=0).restore_video(src, tmp_path / "long.mkv")
-    assert long.extra["dcn_sampler"] == "auto"
-    if dcn._have_compiler() and dcn._COMPILED_OK:
-        assert gathered  # the compiled sampler ran
+    assert long.extra["dcn_sampler"] == "auto" and gathered  # the compiled sampler ran
     a = np.stack([f.rgb for f in VideoReader(tmp_path / "plain.mkv")]).astype(int)
     b = np.stack([f.rgb for f in VideoReader(tmp_path / "long.mkv")]).astype(int)
     assert a.shape == b.shape == small_frames[:6].shape and np.abs(a - b).max() <= 1
     assert {m.sampler for m in same.modules() if isinstance(m, dcn.ModulatedDeformConv2d)} == {None}
+
+    def broken(*a, **kw):
+        raise RuntimeError("no cc1plus")
+    monkeypatch.setattr(dcn, "_COMPILED_OK", True)  # restored after the test: the failure below clears it
+    monkeypatch.setattr(dcn, "_by_gather", broken)
+    failed = _fp32(same, chunk=6, overlap=0).restore_video(src, tmp_path / "failed.mkv")
+    assert failed.extra["dcn_sampler"] == "grid_sample (compiling failed)" and not dcn._COMPILED_OK
+    c = np.stack([f.rgb for f in VideoReader(tmp_path / "failed.mkv")]).astype(int)
+    assert np.array_equal(a, c)  # the default path's frames
 
 
 def test_restore_video_keeps_count_rate_colour_and_audio(tmp_path, bbb, random_model):

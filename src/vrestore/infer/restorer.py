@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import VrestoreError
-from ..models.dcn import ModulatedDeformConv2d, default_sampler, set_sampler
+from ..models.dcn import ModulatedDeformConv2d, can_compile_on, default_sampler, set_sampler
 from . import device as devmod
 
 log = logging.getLogger(__name__)
@@ -384,12 +384,13 @@ class Restorer:
 
     def dcn_sampler_for(self, width: int, height: int, num_frames: int | None) -> str | None:
         """``"auto"`` (the compiled sampler where it can run) for a video long enough to repay compiling it
-        (``COMPILED_DCN_FROM``), else None (the layers' own choice). Only for torch stage-1 modules with
-        deformable convolutions of the default sampler (``--compile`` has already set theirs), and not with
-        ``--tile``, whose edge tiles would each compile again."""
+        (``COMPILED_DCN_FROM``), else None (the layers' own choice). Only on a CPU that can compile it, for
+        torch stage-1 modules with deformable convolutions of the default sampler (``--compile`` has already
+        set theirs), and not with ``--tile``, whose edge tiles would each compile again."""
         layers = [(m, d) for m in self.stage1 if isinstance(m, nn.Module)
                   for d in m.modules() if isinstance(d, ModulatedDeformConv2d)]
-        if not num_frames or not layers or self.tile or any(d.sampler is not None for _, d in layers):
+        if (not num_frames or not layers or self.tile or any(d.sampler is not None for _, d in layers)
+                or not can_compile_on(self.precision.device)):
             return None
         # BasicVSR++ pads to a multiple of its feature scale: features at 1/4 size (same size) or full (x4).
         per_frame = max(width * height // getattr(m, "multiple", 1) ** 2 for m, _ in layers)
@@ -444,6 +445,8 @@ class Restorer:
             reader.close()
         unique = self.stats["unique_frames"]
         dt = time.perf_counter() - t0
+        if sampler and not can_compile_on(self.precision.device):  # compiling failed part-way: grid_sample since
+            sampler = "grid_sample (compiling failed)"
         extra = {"corrupt_packets": reader.corrupt_packets, "truncated": reader.truncated,
                  "precision": self.engine, "dcn_sampler": sampler or "default"}
         return RestoreReport(str(src), str(dst), n, unique, dt, n / dt if dt else 0.0,

@@ -132,6 +132,12 @@ def _can_compile(x: torch.Tensor, tensors) -> bool:
     return x.device.type == "cpu" and not needs_grad and _COMPILED_OK and _have_compiler()
 
 
+def can_compile_on(device: torch.device | str) -> bool:
+    """Whether ``"auto"`` would compile the gather sampler for inference on ``device`` (a CPU with a C++
+    compiler, and no failed compilation so far in this process)."""
+    return torch.device(device).type == "cpu" and _COMPILED_OK and _have_compiler()
+
+
 def _cpu_autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
