@@ -1,6 +1,7 @@
 """Where the held-out clips' remaining error lies: luma or chroma, PQFs or the frames between them.
 
-    python experiments/error_budget.py [--stage1 PATH|none] [--stage2 PATH ...] [--out FILE]
+    python experiments/error_budget.py [--stage1 PATH|none] [--stage2 PATH ...] [--data DIR [--clips ...]]
+        [--frames N] [--out FILE]
 
 Restores the held-out QE clips (as experiments/model_card.py prepares them; stage 2 of `qe-fast` alone by
 default) and splits the squared error of the compressed input and of the output into luma and chroma
@@ -89,13 +90,22 @@ def oracle_fusion(gt: np.ndarray, lq: np.ndarray, pqfs: list[int], block: int = 
     return float(np.mean(out))
 
 
-def main(stage1: str, stage2: list[str], out: Path) -> None:
-    test = ROOT / "data" / "qe_test"
-    meta = prepare_dataset(ROOT / "data" / "clean_test", test, task="qe", max_frames=TEST_FRAMES)
-    r = Restorer(None if stage1 == "none" else stage1, stage2, chunk=60)
-    res: dict = {"stage1": stage1, "stage2": stage2, "precision": r.engine, "clips": {}}
-    for name, c in meta["clips"].items():
-        gt, lq = frames(test / c["gt"]), frames(test / c["lq"])
+def main(stage1: str, stage2: list[str], out: Path, data: Path | None = None, clips: list[str] | None = None,
+         max_frames: int = TEST_FRAMES) -> None:
+    """``data``: a prepared QE set (default: the held-out clips, prepared as the card does); ``clips``: some
+    of its clips (default: all); the first ``max_frames`` frames of each."""
+    if data is None:
+        data = ROOT / "data" / "qe_test"
+        meta = prepare_dataset(ROOT / "data" / "clean_test", data, task="qe", max_frames=TEST_FRAMES)
+    else:
+        meta = json.loads((data / "meta.json").read_text())
+    r = Restorer(None if stage1 == "none" else stage1, stage2, chunk=max_frames)
+    res: dict = {"stage1": stage1, "stage2": stage2, "data": str(data), "frames_per_clip": max_frames,
+                 "precision": r.engine, "clips": {}}
+    for name in clips or list(meta["clips"]):
+        c = meta["clips"][name]
+        gt, lq = frames(data / c["gt"])[:max_frames], frames(data / c["lq"])[:max_frames]
+        c = c | {"pqfs": [p for p in c["pqfs"] if p < len(lq)]}
         pred = np.stack(list(r.stream(list(lq), c["pqfs"])))
         g, o, q = _yuv(gt), _yuv(pred), _yuv(lq)
         true_chroma = _rgb(np.concatenate([o[:, :1], g[:, 1:]], axis=1))
@@ -118,6 +128,9 @@ if __name__ == "__main__":
     ap.add_argument("--stage1", default="none", help="stage-1 checkpoint, or none (the default): stage 2 alone")
     ap.add_argument("--stage2", nargs="+", default=[str(ROOT / "src/vrestore/weights/qe_fast_stage2.safetensors")],
                     help="stage-2 checkpoint(s), averaged if several (default: qe-fast's)")
+    ap.add_argument("--data", type=Path, help="a prepared QE set (default: the held-out clips)")
+    ap.add_argument("--clips", nargs="+", help="clips of --data (default: all)")
+    ap.add_argument("--frames", type=int, default=TEST_FRAMES, help="first frames of each clip")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "error_budget.json")
     a = ap.parse_args()
-    main(a.stage1, a.stage2, a.out)
+    main(a.stage1, a.stage2, a.out, a.data, a.clips, a.frames)
