@@ -168,6 +168,30 @@ def test_stream_runs_stage2_once_per_frame(small_frames, random_model):
         _fp32(s1, s2, tta=True).run_clip(torch.zeros(2, 3, 8, 8), stage2=False)
 
 
+def test_greyscale_frames_stay_grey(small_frames, random_model):
+    """A black-and-white input (R = G = B) comes out exactly grey, the luma of what the models made of it;
+    colour frames beside it are untouched, with either stage and under x8 TTA."""
+    f = small_frames[:6].copy()
+    grey = np.round(f.astype(float) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    f[[1, 4]] = np.repeat(grey[[1, 4], ..., None], 3, axis=-1)
+    s2 = random_model("swinir_e24_color_dn", seed=1)
+    alone = _fp32(None, s2)
+    out = alone.restore_frames(f)
+    for i in (1, 4):
+        assert np.array_equal(out[i, ..., 0], out[i, ..., 1]) and np.array_equal(out[i, ..., 1], out[i, ..., 2])
+        raw = alone.run_clip(torch.from_numpy(f[i: i + 1]).permute(0, 3, 1, 2).float() / 255)[0]
+        luma = (raw.clamp(0, 1) * torch.tensor([0.2126, 0.7152, 0.0722]).view(3, 1, 1)).sum(0) * 255
+        assert np.abs(out[i, ..., 0].astype(float) - luma.numpy()).max() <= 1
+        assert not torch.equal(raw[0], raw[1])  # the model alone did colour it
+    colour = [0, 2, 3, 5]
+    assert np.array_equal(out[colour], alone.restore_frames(f[colour]))  # frames are independent without stage 1
+    both = _fp32(random_model("basicvsrpp_c16n2_x1"), s2, chunk=6, overlap=0)
+    for r in (both, _fp32(random_model("basicvsrpp_c16n2_x1"), tta=True, chunk=6, overlap=0)):
+        o = r.restore_frames(f)
+        assert all(np.array_equal(o[i, ..., 0], o[i, ..., 2]) for i in (1, 4))
+        assert not any(np.array_equal(o[i, ..., 0], o[i, ..., 2]) for i in colour)
+
+
 def test_stage2_alone(small_frames, random_model):
     """No stage 1 (``None`` or ``"none"``): stage 2 on each compressed frame, once, in windows that share no
     frames; at least one stage is needed."""

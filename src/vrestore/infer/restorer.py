@@ -355,6 +355,7 @@ class Restorer:
             if late and self.stage2s:
                 with torch.inference_mode():
                     done = self._stage2(done)
+            done = _keep_grey(done, buf[: len(done)])
             arr = (done.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ready.extend(arr)
             pending = out[len(buf) - keep:] if keep else None
@@ -451,6 +452,24 @@ class Restorer:
                  "precision": self.engine, "dcn_sampler": sampler or "default"}
         return RestoreReport(str(src), str(dst), n, unique, dt, n / dt if dt else 0.0,
                              pqfs if isinstance(pqfs, list) else None, extra)
+
+
+#: BT.709 luma weights: the grey that a restored greyscale frame is made
+_LUMA = torch.tensor([0.2126, 0.7152, 0.0722]).view(3, 1, 1)
+
+
+def _keep_grey(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Outputs (T, 3, H, W) of greyscale inputs (R = G = B everywhere: a black-and-white video, whose chroma
+    the codec kept exactly) made grey again: the models add faint colour noise to them (about 0.3 of
+    squared error per chroma plane on the greyscale validation clips, docs/models.md), and a restored
+    black-and-white film should stay black and white. Other frames are returned as they are."""
+    grey = [i for i, x in enumerate(inputs) if x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])]
+    if not grey:
+        return out
+    out = out.clone()
+    y = (out[grey].clamp(0, 1) * _LUMA.to(out.device, out.dtype)).sum(1, keepdim=True)  # of the RGB it would be
+    out[grey] = y.expand(-1, 3, -1, -1)
+    return out
 
 
 def _dedup(source: Iterable[tuple[int, np.ndarray]], repeats: list[int]) -> Iterator[tuple[int, np.ndarray]]:
