@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 ModelSpec = nn.Module | str | os.PathLike
 BACKENDS = ("auto", "torch", "onnxruntime")
 #: Stage-1 feature pixels x frames from which ``restore_video`` compiles the deformable convolutions' sampler
-#: (``"auto"``). Measured on this project's 2-core CPU at 854x480 (features 214x120 for the same-size model):
-#: compiling costs 11.5 s the first time and 4 s with inductor's cache, and saves about 60 ms per frame, so it
-#: pays after about 190 frames; the threshold (about 390 such frames, 170 at 1280x720) is twice that.
+#: (``"auto"``). Measured on this project's 2-core CPU at 854x480 (features 214x120 for the same-size model;
+#: ``python benchmarks/run.py long_video``): compiling costs 10 s the first time and 3 s with inductor's
+#: cache, and saves 46 ms per frame, so it pays after about 220 frames; the threshold is about 390 such
+#: frames (170 at 1280x720).
 COMPILED_DCN_FROM = 10_000_000
 
 
@@ -463,7 +464,7 @@ def _keep_grey(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
     the codec kept exactly) made grey again: the models add faint colour noise to them (about 0.3 of
     squared error per chroma plane on the greyscale validation clips, docs/models.md), and a restored
     black-and-white film should stay black and white. Other frames are returned as they are."""
-    grey = [i for i, x in enumerate(inputs) if x.shape[0] == 3 and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])]
+    grey = [i for i, x in enumerate(inputs) if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])]
     if not grey:
         return out
     out = out.clone()

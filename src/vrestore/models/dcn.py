@@ -129,7 +129,7 @@ def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int,
 def _can_compile(x: torch.Tensor, tensors) -> bool:
     """Whether inductor may build the gather loop here: CPU, no gradient wanted from ``tensors``, a compiler."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return x.device.type == "cpu" and not needs_grad and _COMPILED_OK and _have_compiler()
+    return not needs_grad and can_compile_on(x.device)
 
 
 def can_compile_on(device: torch.device | str) -> bool:
