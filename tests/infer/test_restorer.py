@@ -255,6 +255,9 @@ def test_long_videos_compile_the_dcn_sampler(tmp_path, small_frames, random_mode
     assert _fp32(x4).dcn_sampler_for(214, 120, frames_at) == "auto"  # x4: features at the input's size
     assert _fp32(same).dcn_sampler_for(214, 120, frames_at) is None
     assert _fp32(same).dcn_sampler_for(856, 480, None) is None  # length unknown
+    with monkeypatch.context() as mp:  # the user's choice wins, and the report must not claim otherwise
+        mp.setenv("VRESTORE_DCN_SAMPLER", "grid_sample")
+        assert _fp32(same).dcn_sampler_for(856, 480, many) is None
     assert _fp32(same, tile=64).dcn_sampler_for(856, 480, many) is None  # each tile size would compile
     assert _fp32(same, compile=True).dcn_sampler_for(856, 480, many) is None  # already set on its layers
     assert _fp32(None, random_model("swinir_e24_color_dn")).dcn_sampler_for(856, 480, many) is None
