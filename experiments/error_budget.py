@@ -42,9 +42,9 @@ def _mean_psnr(gt: np.ndarray, x: np.ndarray, idx) -> float:
     return float(np.mean([metrics.psnr(gt[i], x[i]) for i in idx]))
 
 
-def budget(gt: np.ndarray, x: np.ndarray, pqfs: list[int]) -> dict:
-    """Luma/chroma squared error (code values) and mean RGB-PSNR on PQFs and on the frames between."""
-    g, v = _yuv(gt), _yuv(x)
+def budget(gt: np.ndarray, x: np.ndarray, g: np.ndarray, v: np.ndarray, pqfs: list[int]) -> dict:
+    """Luma/chroma squared error (code values; ``g``, ``v``: ``gt`` and ``x`` through ``_yuv``) and mean
+    RGB-PSNR on PQFs and on the frames between."""
     err = ((g - v) ** 2).mean(axis=(0, 2, 3))
     between = [i for i in range(len(gt)) if i not in set(pqfs)]
     return {"mse_y": float(err[0]), "mse_cb": float(err[1]), "mse_cr": float(err[2]),
@@ -112,7 +112,7 @@ def main(stage1: str, stage2: list[str], out: Path, data: Path | None = None, cl
         input_chroma = _rgb(np.concatenate([o[:, :1], q[:, 1:]], axis=1))
         every = range(len(gt))
         res["clips"][name] = {
-            "input": budget(gt, lq, c["pqfs"]), "output": budget(gt, pred, c["pqfs"]),
+            "input": budget(gt, lq, g, q, c["pqfs"]), "output": budget(gt, pred, g, o, c["pqfs"]),
             "output_with_true_chroma": _mean_psnr(gt, true_chroma, every),
             "output_with_input_chroma": _mean_psnr(gt, input_chroma, every),
             "output_with_chroma_blurred_sigma2": _mean_psnr(gt, _rgb(blurred_chroma(o, 2.0)), every),

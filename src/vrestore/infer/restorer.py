@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import VrestoreError
-from ..models.dcn import ModulatedDeformConv2d, can_compile_on, default_sampler, set_sampler
+from ..models.dcn import ModulatedDeformConv2d, can_compile_on, default_sampler, set_sampler, user_sampler
 from . import device as devmod
 
 log = logging.getLogger(__name__)
@@ -388,12 +388,12 @@ class Restorer:
         """``"auto"`` (the compiled sampler where it can run) for a video long enough to repay compiling it
         (``COMPILED_DCN_FROM``), else None (the layers' own choice). Only on a CPU that can compile it, for
         torch stage-1 modules with deformable convolutions of the default sampler (``--compile`` has already
-        set theirs), not with ``--tile``, whose edge tiles would each compile again, and not where
-        ``VRESTORE_DCN_SAMPLER`` is set."""
+        set theirs), not with ``--tile``, whose edge tiles would each compile again, and not where the user
+        chose a sampler (``dcn.user_sampler``), which would win anyway."""
         layers = [(m, d) for m in self.stage1 if isinstance(m, nn.Module)
                   for d in m.modules() if isinstance(d, ModulatedDeformConv2d)]
         if (not num_frames or not layers or self.tile or any(d.sampler is not None for _, d in layers)
-                or not can_compile_on(self.precision.device) or os.environ.get("VRESTORE_DCN_SAMPLER")):
+                or not can_compile_on(self.precision.device) or user_sampler()):
             return None
         # BasicVSR++ pads to a multiple of its feature scale: features at 1/4 size (same size) or full (x4).
         per_frame = max(width * height // getattr(m, "multiple", 1) ** 2 for m, _ in layers)

@@ -110,8 +110,13 @@ def default_sampler(sampler: str | None):
         _DEFAULT_SAMPLER.reset(token)
 
 
+def user_sampler() -> str | None:
+    """The sampler the user chose (``VRESTORE_DCN_SAMPLER``), if any: it wins over ``default_sampler``."""
+    return os.environ.get("VRESTORE_DCN_SAMPLER") or None
+
+
 def _use_gather(sampler: str | None, x, offset, mask, weight, bias, groups: int, dg: int) -> bool:
-    sampler = sampler or os.environ.get("VRESTORE_DCN_SAMPLER") or _DEFAULT_SAMPLER.get() or "grid_sample"
+    sampler = sampler or user_sampler() or _DEFAULT_SAMPLER.get() or "grid_sample"
     _check_sampler(sampler)
     if sampler == "grid_sample":
         return False
