@@ -13,6 +13,8 @@ def _log(path):
     lines = [{"iter": i, "step": "charb" if i <= 6 else "mse", "loss": 0.05 / i, "lr": 1e-4} for i in range(1, 11)]
     lines[3]["val_psnr"] = 30.0
     lines[9]["val_psnr"] = 30.5
+    lines[3]["val_psnr_clips"] = {"photo_camera": 29.0, "photo_logo": 31.0}
+    lines[9]["val_psnr_clips"] = {"photo_camera": 29.2, "photo_logo": 31.8}
     resumed = [{"iter": 9, "step": "mse", "loss": 0.001, "lr": 1e-4}]  # a resume repeats iteration 9
     text = "".join(json.dumps(r) + "\n" for r in lines[:9] + resumed + lines[9:]) + '{"iter": 11, "lo'
     path.write_text(text)
@@ -31,6 +33,14 @@ def test_plot_log_draws_curves_and_summarises(tmp_path):
     assert "10 records to iteration 10" in r.output and "30.00 -> 30.50" in r.output
     img = mpimg.imread(run / "curves.png")
     assert img.shape[0] > 300 and img.shape[1] > 600
+    from vrestore.train.plot import plot_log
+
+    summary = plot_log(run, tmp_path / "c.png")
+    assert summary["val_clips_first_last"] == {"photo_camera": [29.0, 29.2], "photo_logo": [31.0, 31.8]}
+    (run / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "val_psnr_clips"}) + "\n"
+                                               for r in recs))
+    assert "val_clips_first_last" not in plot_log(run, tmp_path / "d.png")  # logs from before the per-clip records
+    assert mpimg.imread(tmp_path / "d.png").shape[0] < mpimg.imread(tmp_path / "c.png").shape[0]
 
 
 def test_plot_log_errors(tmp_path):

@@ -92,6 +92,12 @@ def test_stage2_transfer_recipe_runs_end_to_end(tmp_path, tiny_pairs, random_mod
     pairs = zip(np.load(cache / "input_0.npy"), np.load(cache / "gt_0.npy"), strict=True)
     ref = np.mean([psnr(a, b) for a, b in pairs])
     assert val[0] == pytest.approx(ref, abs=1e-6)
+    # each validation is logged per clip too, and the mean of those is val_psnr
+    per_clip = [r["val_psnr_clips"] for r in recs if "val_psnr" in r]
+    names = json.loads((cache / "index.json").read_text())["names"]
+    assert all(list(c) == names for c in per_clip)
+    assert all(np.mean(list(c.values())) == pytest.approx(v, abs=1e-3) for c, v in zip(per_clip, val, strict=True))
+    assert per_clip[0][names[0]] == pytest.approx(ref, abs=1e-4)
     assert load(final).arch_name == "swinir"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
@@ -159,15 +165,28 @@ def test_a_variant_recipe_is_its_base_with_its_changes(tmp_path):
 def test_a_stage2_trained_to_run_alone_caches_the_compressed_frames(tmp_path, tiny_pairs):
     """``data.stage1: none``: stage 2 fine-tunes and validates on the compressed frames themselves (what it
     will see with no stage 1 in front of it); the cache says so, and one made by a stage-1 model is rebuilt."""
+    import shutil
+
     import numpy as np
 
     from vrestore.data.pairs import PairedClips
+    from vrestore.video.io import VideoWriter
 
+    # a second validation clip (the same input, a darker truth) so that the per-clip records differ
+    val = tmp_path / "val"
+    shutil.copytree(tiny_pairs, val)
+    meta = json.loads((val / "meta.json").read_text())
+    (name, clip), = meta["clips"].items()
+    with VideoWriter(val / "gt" / "darker.mkv", fps=25, codec="ffv1") as wr:
+        for f in PairedClips(str(tiny_pairs), 2, 2, dedup=False).clips[0].gt:
+            wr.write(np.clip(f.astype(int) - 12, 0, 255).astype(np.uint8))
+    meta["clips"]["darker"] = clip | {"gt": "gt/darker.mkv"}
+    (val / "meta.json").write_text(json.dumps(meta))
     cfg = OmegaConf.create({
         "name": "s2", "out": str(tmp_path / "run"), "seed": 0, "device": "cpu", "dtype": "fp32",
-        "model": {"name": "swinir_e24_color_dn"},
+        "model": {"name": "swinir_e24_color_dn", "zero_last": True},  # starts as the identity
         "data": {"train": str(tiny_pairs), "stage1": "none", "cache_frames": 3, "patch": 32, "batch": 2},
-        "val": {"data": str(tiny_pairs), "every": 2, "max_frames": 2},
+        "val": {"data": str(val), "every": 2, "max_frames": 2},
         "steps": [{"iters": 2, "data": "stage1_cache", "loss": "mse"}]})
     trainer = Trainer(cfg)
     cache = trainer._stage1_cache(str(tiny_pairs), "stage1_cache")
@@ -178,7 +197,10 @@ def test_a_stage2_trained_to_run_alone_caches_the_compressed_frames(tmp_path, ti
     assert json.loads(json.loads((cache / "index.json").read_text())["made_from"])["stage1"] == "none"
     trainer.run(None)
     recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("val_psnr" in r for r in recs)
+    (rec,) = [r for r in recs if "val_psnr" in r]
+    clips_psnr = rec["val_psnr_clips"]
+    assert set(clips_psnr) == {name, "darker"} and clips_psnr[name] > clips_psnr["darker"] + 3
+    assert rec["val_psnr"] == pytest.approx(np.mean(list(clips_psnr.values())), abs=1e-3)
     del cfg.data["stage1"]  # forgotten: an error, not a silent stage 2 on the compressed frames
     with pytest.raises(VrestoreError, match="needs data.stage1"):
         Trainer(cfg)._stage1_cache(str(tiny_pairs), "stage1_cache")

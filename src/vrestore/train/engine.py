@@ -223,6 +223,7 @@ class Trainer:
         self.optim: torch.optim.Optimizer | None = None
         self.metrics_path = self.out / "metrics.jsonl"
         self._datasets: dict[str, Any] = {}
+        self.val_clips: dict[str, float] = {}  # the last validation's PSNR per clip
         self._progress = None  # run()'s progress bar, for long work before the first step (stage-1 caches)
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists():
@@ -482,17 +483,24 @@ class Trainer:
                 self._datasets["val"] = [(n, x, y, []) for n, x, y in clips]
             else:
                 self._datasets["val"] = PairedClips(v.data, 2, 2).validation_clips(max_frames)
-        scores = []
+        scores: dict[str, float] = {}
         with torch.inference_mode(), self.precision.autocast():
-            for _name, lq, gt, pqfs in self._datasets["val"]:
+            for name, lq, gt, pqfs in self._datasets["val"]:
                 x = to_tensor(lq).to(self.precision.device)
                 y = model(x.unsqueeze(0), pqfs=pqfs)[0] if is_video else \
                     torch.cat([model(x[i: i + 1]) for i in range(len(x))])
                 out = (y.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 ps = [psnr(o, g) for o, g in zip(out, gt, strict=True)]
-                scores.append(float(np.mean([p for p in ps if np.isfinite(p)])))
+                scores[str(name)] = float(np.mean([p for p in ps if np.isfinite(p)]))
         self.model.train()
-        return float(np.mean(scores))
+        # Kept per clip too: a mean over grey and colour clips hides which of them moved.
+        self.val_clips = {n: round(v, 4) for n, v in scores.items()}
+        return float(np.mean(list(scores.values())))
+
+    def _val_record(self) -> dict:
+        """``val_psnr`` (the mean that picks ``best.pt``) and ``val_psnr_clips`` for a log record."""
+        mean = self.validate()
+        return {"val_psnr": mean, "val_psnr_clips": self.val_clips} if mean is not None else {"val_psnr": None}
 
     # -- the loop ------------------------------------------------------------
     def _log(self, rec: dict) -> None:
@@ -512,7 +520,7 @@ class Trainer:
         self._progress = progress
         steps = list(self.cfg.steps)
         if self.state["global_iter"] == 0 and self.rank == 0 and self.cfg.get("val", {}).get("at_start", False):
-            self._log({"iter": 0, "val_psnr": self.validate(), "sec": 0.0})  # where the curve starts
+            self._log({"iter": 0, **self._val_record(), "sec": 0.0})  # where the curve starts
         while self.state["step_idx"] < len(steps):
             step = steps[self.state["step_idx"]]
             if not self._run_step(step, progress):
@@ -622,7 +630,7 @@ class Trainer:
                 if flow:  # what predicting no motion scores on this batch: the bar the flow must clear
                     rec["zero_flow_epe"] = float(np.mean([float(epe(torch.zeros_like(m[1]), m[1])) for m in micro]))
                 if val_every and g % val_every == 0 and self.rank == 0:
-                    rec["val_psnr"] = self.validate()
+                    rec.update(self._val_record())
                     if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
                         self.state["best_psnr"] = rec["val_psnr"]
                         self.save_checkpoint("best.pt")

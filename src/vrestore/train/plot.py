@@ -59,7 +59,9 @@ def plot_log(path: str | os.PathLike, out: str | os.PathLike, smooth: int = 25) 
     for r in recs:
         if "step" in r and (not starts or starts[-1][1] != r["step"]):
             starts.append((r["iter"], r["step"]))
-    fig, axes = plt.subplots(2 if val else 1, 1, figsize=(9, 6.5 if val else 3.8), sharex=True, squeeze=False)
+    clips = _clip_curves(recs)
+    rows = 1 + bool(val) + bool(clips)
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 3.8 + 2.7 * (rows - 1)), sharex=True, squeeze=False)
     ax = axes[0][0]
     if loss:
         it, lv = zip(*loss, strict=True)
@@ -83,6 +85,14 @@ def plot_log(path: str | os.PathLike, out: str | os.PathLike, smooth: int = 25) 
         vi, vv = zip(*val, strict=True)
         axv.plot(vi, vv, "o-", color="C1", ms=3)
         axv.set_ylabel("validation RGB-PSNR (dB)")
+    if clips:
+        axc = axes[-1][0]
+        for k, (name, pts) in enumerate(clips.items()):
+            ci, cv = zip(*pts, strict=True)
+            axc.plot(ci, [v - cv[0] for v in cv], "o-", color=f"C{(k + 2) % 10}", ms=2.5, lw=1, label=name)
+        axc.axhline(0, color="0.3", lw=0.6)
+        axc.set_ylabel("per clip, change (dB)")
+        axc.legend(loc="best", fontsize=7)
     for a in (row[0] for row in axes):
         for x, _ in starts:
             a.axvline(x, color="0.5", ls=":", lw=0.8)
@@ -103,4 +113,18 @@ def plot_log(path: str | os.PathLike, out: str | os.PathLike, smooth: int = 25) 
         best = max(val, key=lambda v: v[1])
         summary["val_psnr_first_last_best"] = [val[0][1], val[-1][1], best[1]]
         summary["best_iter"] = best[0]
+    if clips:
+        summary["val_clips_first_last"] = {n: [pts[0][1], pts[-1][1]] for n, pts in clips.items()}
     return summary
+
+
+def _clip_curves(recs: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(iteration, PSNR) per validation clip, from the ``val_psnr_clips`` that
+    runs since 2026-11-24 log (older logs have none)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in recs:
+        if isinstance(r.get("val_psnr_clips"), dict):
+            for name, v in r["val_psnr_clips"].items():
+                if isinstance(v, (int, float)):
+                    out.setdefault(name, []).append((r["iter"], float(v)))
+    return out
