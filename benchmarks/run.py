@@ -349,6 +349,13 @@ def stage2_depth() -> None:
                                 ("qe", ("swinir_t2_g3_color_dn",), 1), ("qe", ("swinir_t_g3_color_dn",), 1)])
 
 
+def stage2_alone() -> None:
+    """The bundled stage 2s alone: `qe-fast`, the 3-group stage 2 (`qe-hq`'s second member) by itself, and
+    `qe-hq` (it and `qe`'s stage 2, averaged): what a single larger stage 2 costs against the pair."""
+    grown = os.path.relpath(HERE.parent / "src" / "vrestore" / "weights" / "qe_t2g3_stage2.safetensors")
+    _pipelines("stage2_alone", [("qe-fast", ("auto",), 1), ("none", (grown,), 1), ("qe-hq", ("auto",), 1)])
+
+
 def quality_modes() -> None:
     """What the held-out clips' slower modes cost: the bundled pipelines, `qe`'s stage 1 followed by both
     bundled stage 2s averaged (a stage-2 ensemble), `qe-fast` with 2 and 8 TTA transforms around stage 2
@@ -617,7 +624,7 @@ if __name__ == "__main__":
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
            "bundled": bundled, "stream": stream, "long_video": long_video, "stage2_depth": stage2_depth,
-           "quality_modes": quality_modes,
+           "quality_modes": quality_modes, "stage2_alone": stage2_alone,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
