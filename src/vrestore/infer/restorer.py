@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import VrestoreError
 from ..models.dcn import ModulatedDeformConv2d, can_compile_on, default_sampler, set_sampler, user_sampler
+from ..video.colour import luma_weights
 from . import device as devmod
 
 log = logging.getLogger(__name__)
@@ -457,7 +458,7 @@ class Restorer:
 
 
 #: BT.709 luma weights: the grey that a restored greyscale frame is made
-_LUMA = torch.tensor([0.2126, 0.7152, 0.0722]).view(3, 1, 1)
+_LUMA = torch.tensor(luma_weights("bt709")).view(3, 1, 1)
 
 
 def _keep_grey(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:

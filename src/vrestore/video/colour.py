@@ -52,7 +52,8 @@ class ColourInfo:
                 "color_primaries": self.primaries, "color_trc": self.transfer}
 
 
-def _coefficients(matrix: str) -> tuple[float, float, float]:
+def luma_weights(matrix: str) -> tuple[float, float, float]:
+    """(Kr, Kg, Kb): the weights of R, G and B in the luma of a colour matrix ("bt601", "bt709", "bt2020")."""
     try:
         kr, kb = _KR_KB[matrix]
     except KeyError:
@@ -71,7 +72,7 @@ def _scales(full_range: bool, bit_depth: int) -> tuple[float, float, float, floa
 
 def rgb_to_yuv444(rgb: np.ndarray, matrix: str, full_range: bool, bit_depth: int = 8) -> np.ndarray:
     """Float RGB in [0, 1], (H, W, 3) -> float YUV code values (3, H, W), unrounded."""
-    kr, kg, kb = _coefficients(matrix)
+    kr, kg, kb = luma_weights(matrix)
     r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
     y = kr * r + kg * g + kb * b
     pb = (b - y) / (2.0 * (1.0 - kb))
@@ -82,7 +83,7 @@ def rgb_to_yuv444(rgb: np.ndarray, matrix: str, full_range: bool, bit_depth: int
 
 def yuv444_to_rgb(yuv: np.ndarray, matrix: str, full_range: bool, bit_depth: int = 8) -> np.ndarray:
     """Float YUV code values (3, H, W) -> float RGB (H, W, 3), not clipped."""
-    kr, kg, kb = _coefficients(matrix)
+    kr, kg, kb = luma_weights(matrix)
     yo, ys, co, cs = _scales(full_range, bit_depth)
     y = (yuv[0].astype(np.float32) - yo) / ys
     pb = (yuv[1].astype(np.float32) - co) / cs
