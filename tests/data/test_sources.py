@@ -42,3 +42,18 @@ def test_variants_are_written_next_to_each_photo(tmp_path):
     assert all(c.shape == (3, 32, 48, 3) for c in clips)
     assert np.abs(clips[0].astype(int) - clips[1]).mean() > 10  # recoloured, and another camera path
     assert np.abs(clips[1].astype(int) - clips[2]).mean() > 10
+
+
+def test_a_camera_path_with_holds_stops_and_moves_and_leaves_the_plain_path_unchanged():
+    from itertools import groupby
+
+    from vrestore.data.sources import camera_path
+
+    plain = camera_path(60, seed=3)
+    assert camera_path(60, seed=3, holds=False) == plain  # the data sets made before holds existed
+    held = camera_path(60, seed=3, holds=True)
+    # while the camera moves, it moves along the plain path (the same positions, with a clock that stops)
+    assert set(held) <= set(plain) and len(set(held)) > 10
+    runs = [len(list(g)) for _, g in groupby(held)]
+    stops = [n for n in runs[:-1] if n > 1]  # the last run may be cut by the clip's end
+    assert stops and min(stops) >= 7  # a stop of 6 to 15 frames holds the position 7 to 16 times

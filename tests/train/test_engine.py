@@ -77,6 +77,24 @@ def test_tiny_recipe_learns_grows_and_runs_three_loss_steps(tmp_path, x4_pairs):
     assert m.cfg.num_reconstruction_blocks == 7 and m.cfg.pqf_propagation
 
 
+def test_the_final_weights_are_validated_once_when_the_last_step_ends_between_validations(tmp_path, x4_pairs):
+    """Validation every 3 iterations of 5: the weights saved as final (iteration 5) must be scored too, compete
+    for best.pt, and a resumed finished run must not score them again."""
+    _, cfg = _recipe(tmp_path, x4_pairs, [{"iters": 5, "loss": "mse"}],
+                     val={"data": str(x4_pairs), "every": 3, "max_frames": 4})
+    tr = Trainer(cfg)
+    tr.run()
+    log = tmp_path / "run" / "metrics.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    val = [r for r in recs if "val_psnr" in r]
+    assert [r["iter"] for r in val] == [3, 5] and val[-1]["event"] == "final validation"
+    assert val[-1]["val_psnr"] == pytest.approx(tr.validate(), abs=1e-9)  # the final weights' own score
+    assert tr.state["best_psnr"] == pytest.approx(max(r["val_psnr"] for r in val), abs=1e-9)
+    lines = log.read_text()
+    Trainer(cfg, resume=True).run()
+    assert log.read_text() == lines
+
+
 def _run(recipe, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "vrestore.cli", "train", str(recipe), *args], env=env,

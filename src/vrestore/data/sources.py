@@ -53,30 +53,43 @@ def photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
-def camera_path(n_frames: int, seed: int) -> list[tuple[float, float, float, float]]:
-    """Smooth random motion: (dx, dy, zoom, angle) per frame, sub-pixel steps."""
+def camera_path(n_frames: int, seed: int, holds: bool = False) -> list[tuple[float, float, float, float]]:
+    """Smooth random motion: (dx, dy, zoom, angle) per frame, sub-pixel steps.
+    ``holds``: the camera also stops, for stretches of 6 to 15 frames between
+    moving ones (real footage has still shots; a path that always pans gives a
+    model nothing static to borrow from its neighbours)."""
     rng = np.random.default_rng(seed)
     vx, vy = rng.uniform(-2.5, 2.5, 2)
     ax, ay = rng.uniform(0, 4, 2)
     zoom_rate = rng.uniform(-0.003, 0.003)
     rot_amp = math.radians(rng.uniform(0, 2.0))
     ph = rng.uniform(0, 2 * math.pi, 3)
+    times = list(range(n_frames))
+    if holds:  # a clock that stands still while the camera holds (its own generator: the motion is unchanged)
+        hr = np.random.default_rng([seed, 1])
+        clock, moving, left = 0, bool(hr.integers(0, 2)), int(hr.integers(6, 16))
+        for i in range(n_frames):
+            times[i] = clock
+            clock += moving
+            left -= 1
+            if not left:
+                moving, left = not moving, int(hr.integers(6, 16))
     out = []
-    for t in range(n_frames):
+    for t in times:
         dx = vx * t + ax * math.sin(0.15 * t + ph[0])
         dy = vy * t + ay * math.sin(0.11 * t + ph[1])
         out.append((dx, dy, 1.0 + zoom_rate * t, rot_amp * math.sin(0.07 * t + ph[2])))
     return out
 
 
-def pan_video(img: np.ndarray, n_frames: int, size: tuple[int, int], seed: int) -> np.ndarray:
+def pan_video(img: np.ndarray, n_frames: int, size: tuple[int, int], seed: int, holds: bool = False) -> np.ndarray:
     """Render (n_frames, H, W, 3) uint8 views of ``img`` along a smooth camera
-    path (bicubic sampling from the photograph)."""
+    path (bicubic sampling from the photograph; ``holds``: see ``camera_path``)."""
     h, w = size
     src = torch.from_numpy(img).permute(2, 0, 1).float().unsqueeze(0) / 255.0
     ih, iw = img.shape[:2]
     frames = []
-    for dx, dy, zoom, ang in camera_path(n_frames, seed):
+    for dx, dy, zoom, ang in camera_path(n_frames, seed, holds):
         # Grid units: 2 per photo width, so a 1:1 view of w pixels has half-width w/iw.
         sx, sy = w / iw / zoom, h / ih / zoom
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
@@ -112,11 +125,12 @@ def flatten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (256, 320),
                         photos: tuple[str, ...] = PHOTOS, clips: tuple[str, ...] = ("bikes",),
-                        variants: int = 0) -> list[Path]:
+                        variants: int = 0, holds: bool = False) -> list[Path]:
     """Write lossless clean videos (FFV1) to ``out``: one pseudo-video per
     photograph plus the named sample clips re-encoded losslessly. ``variants``
     more per photograph, alternately recoloured and flattened (``recolour``,
-    ``flatten``), each along its own camera path."""
+    ``flatten``), each along its own camera path (``holds``: with still
+    stretches, ``camera_path``)."""
     from ..video.io import VideoReader, VideoWriter
 
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +146,7 @@ def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (
                     rng = np.random.default_rng(1000 * j + i)
                     img = (recolour if j % 2 else flatten)(img, rng)
                 with VideoWriter(p, fps=25, codec="ffv1") as wr:
-                    for f in pan_video(img, n_frames, size, seed=i + 100 * j):
+                    for f in pan_video(img, n_frames, size, seed=i + 100 * j, holds=holds):
                         wr.write(f)
             paths.append(p)
     for name in clips:

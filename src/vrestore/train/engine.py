@@ -502,6 +502,13 @@ class Trainer:
         mean = self.validate()
         return {"val_psnr": mean, "val_psnr_clips": self.val_clips} if mean is not None else {"val_psnr": None}
 
+    def _validate_into(self, rec: dict) -> None:
+        """Validate into the log record ``rec``; a new best score saves ``best.pt``."""
+        rec.update(self._val_record())
+        if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
+            self.state["best_psnr"] = rec["val_psnr"]
+            self.save_checkpoint("best.pt")
+
     # -- the loop ------------------------------------------------------------
     def _log(self, rec: dict) -> None:
         if self.rank != 0:
@@ -532,6 +539,16 @@ class Trainer:
             self.state["iter_in_step"] = 0
             self.optim = None
             self.save_checkpoint()
+        g = self.state["global_iter"]
+        val_every = int(self.cfg.get("val", {}).get("every", 0) or 0)
+        if val_every and g % val_every and self.rank == 0 and self.state.get("final_val") != g:
+            # A recipe's last step rarely ends on a validation iteration (a short third step after a long one):
+            # without this the weights saved as final.safetensors would never be scored, nor compete for best.pt.
+            rec = {"iter": g, "event": "final validation"}
+            self._validate_into(rec)
+            self._log(rec)
+            self.state["final_val"] = g
+            self.save_checkpoint()  # a resumed finished run does not validate again
         final = self.out / "final.safetensors"
         if self.rank == 0:
             save(self.ema or self.model, final, {"recipe": self.cfg.name, "iterations": str(self.state["global_iter"])})
@@ -630,10 +647,7 @@ class Trainer:
                 if flow:  # what predicting no motion scores on this batch: the bar the flow must clear
                     rec["zero_flow_epe"] = float(np.mean([float(epe(torch.zeros_like(m[1]), m[1])) for m in micro]))
                 if val_every and g % val_every == 0 and self.rank == 0:
-                    rec.update(self._val_record())
-                    if rec["val_psnr"] is not None and rec["val_psnr"] > self.state["best_psnr"]:
-                        self.state["best_psnr"] = rec["val_psnr"]
-                        self.save_checkpoint("best.pt")
+                    self._validate_into(rec)
                 self._log(rec)
                 if g % ckpt_every == 0:
                     self.save_checkpoint()
