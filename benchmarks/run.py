@@ -352,7 +352,9 @@ def stage2_depth() -> None:
 def stage2_alone() -> None:
     """The bundled stage 2s alone: `qe-fast`, the 3-group stage 2 (`qe-hq`'s second member) by itself, and
     `qe-hq` (it and `qe`'s stage 2, averaged): what a single larger stage 2 costs against the pair."""
-    grown = os.path.relpath(HERE.parent / "src" / "vrestore" / "weights" / "qe_t2g3_stage2.safetensors")
+    from vrestore.weights import bundled_paths
+
+    grown = os.path.relpath(bundled_paths("qe-hq:stage2")[1])
     _pipelines("stage2_alone", [("qe-fast", ("auto",), 1), ("none", (grown,), 1), ("qe-hq", ("auto",), 1)])
 
 

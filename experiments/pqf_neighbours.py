@@ -83,6 +83,12 @@ class Plain(nn.Module):
         return self.base(x)
 
 
+def make_arm(arm: str, init: str) -> nn.Module:
+    """The ``plain`` or ``neighbours`` arm around a fresh copy of ``init``."""
+    base = load(init)
+    return WithNeighbours(base) if arm == "neighbours" else Plain(base)
+
+
 class Triples:
     """(frame, previous PQF, next PQF, truth) patches from prepared data sets
     (``vrestore prepare``; the compressed frames, as a stage 2 run alone sees
@@ -140,8 +146,7 @@ def score_heldout(args: argparse.Namespace) -> dict:
     out = {"start": validate(Plain(load(args.init)), clips, 10**6, split=True)}
     print("start", out["start"], flush=True)
     for arm in args.arms:
-        base = load(args.init)
-        model = WithNeighbours(base) if arm == "neighbours" else Plain(base)
+        model = make_arm(arm, args.init)
         model.load_state_dict(torch.load(Path(args.save) / f"{arm}.pt"))
         out[arm] = validate(model, clips, 10**6, split=True)
         print(arm, out[arm], flush=True)
@@ -150,9 +155,7 @@ def score_heldout(args: argparse.Namespace) -> dict:
 
 def train_arm(arm: str, args: argparse.Namespace, data: Triples, val: list) -> dict:
     torch.manual_seed(args.seed)
-    base = load(args.init)
-    model = WithNeighbours(base) if arm == "neighbours" else Plain(base)
-    model.train()
+    model = make_arm(arm, args.init).train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema))  # scored, as the trainer's EMA

@@ -502,6 +502,11 @@ class Trainer:
         mean = self.validate()
         return {"val_psnr": mean, "val_psnr_clips": self.val_clips} if mean is not None else {"val_psnr": None}
 
+    @property
+    def _val_every(self) -> int:
+        """Iterations between validations (0: none)."""
+        return int(self.cfg.get("val", {}).get("every", 0) or 0)
+
     def _validate_into(self, rec: dict) -> None:
         """Validate into the log record ``rec``; a new best score saves ``best.pt``."""
         rec.update(self._val_record())
@@ -540,8 +545,7 @@ class Trainer:
             self.optim = None
             self.save_checkpoint()
         g = self.state["global_iter"]
-        val_every = int(self.cfg.get("val", {}).get("every", 0) or 0)
-        if val_every and g % val_every and self.rank == 0 and self.state.get("final_val") != g:
+        if self._val_every and g % self._val_every and self.rank == 0 and self.state.get("final_val") != g:
             # A recipe's last step rarely ends on a validation iteration (a short third step after a long one):
             # without this the weights saved as final.safetensors would never be scored, nor compete for best.pt.
             rec = {"iter": g, "event": "final validation"}
@@ -599,7 +603,7 @@ class Trainer:
         flow_before = sum(int(s.iters) for s in list(self.cfg.steps)[:idx] if step_kind(self.cfg, s) == FLOW_KIND)
         clip = float(o.get("grad_clip", 0) or 0)
         ckpt_every = int(self.cfg.get("checkpoint_every", 100))
-        val_every = int(self.cfg.get("val", {}).get("every", 0) or 0)
+        val_every = self._val_every
         bad = 0
         name = step.get("name", f"step{idx}")
         task = progress.add_task(name, total=total, rate="") if progress else None
