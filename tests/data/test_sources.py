@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from vrestore.data.sources import flatten, photo, recolour, write_clean_sources
+from vrestore.data.sources import (
+    EXTRA_PHOTOS,
+    PHOTOS,
+    VALIDATION_PHOTOS,
+    flatten,
+    photo,
+    recolour,
+    write_clean_sources,
+)
 from vrestore.video.io import VideoReader
 
 pytest.importorskip("skimage", reason="the photographs come with scikit-image")
@@ -16,6 +24,21 @@ def _saturation(img: np.ndarray) -> float:
 def _variation(img: np.ndarray) -> float:
     f = img.astype(np.float64)
     return float(np.abs(np.diff(f, axis=0)).mean() + np.abs(np.diff(f, axis=1)).mean())
+
+
+def test_extra_photos_are_new_real_pictures_that_fill_a_view():
+    """The extra images must not repeat a training or validation photograph, and each must be at least as large as
+    write_clean_sources' default 256x320 view, so that no view is mostly a mirrored seam."""
+    assert not set(EXTRA_PHOTOS) & (set(PHOTOS) | set(VALIDATION_PHOTOS))
+    seen = [photo(n) for n in (*PHOTOS, *VALIDATION_PHOTOS)]
+    for name in EXTRA_PHOTOS:
+        img = photo(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, name
+        assert img.shape[0] >= 256 and img.shape[1] >= 320, (name, img.shape)
+        assert img.std() > 10, name  # a picture, not a blank
+        assert not any(o.shape == img.shape and np.array_equal(o, img) for o in seen), name
+    grace = photo("grace_hopper")  # matplotlib's colour photograph: colour, unlike the greyscale scikit-image ones
+    assert np.abs(grace[..., 0].astype(int) - grace[..., 2]).mean() > 5
 
 
 def test_recolour_moves_hue_and_raises_saturation():

@@ -26,6 +26,11 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 #: greyscale, so `logo` (flat saturated colour and line art, the nearest the registries come to rendered
 #: animation) is the one whose chroma a validation can see (docs/models.md, "Where the remaining error is")
 VALIDATION_PHOTOS = ("camera", "gravel", "logo")
+#: more real images from the installed packages, kept apart so that PHOTOS (and every data set made from it) stays as
+#: it was: matplotlib's sample photograph (a portrait), scikit-image's greyscale pictures (coins, the moon, a cell, a
+#: clock) and its flat colour wheel. `page` and `text` are left out: lower than the 256 px views, every view would
+#: hold a mirrored seam (docs/models.md, "More photographs")
+EXTRA_PHOTOS = ("grace_hopper", "coins", "moon", "cell", "clock", "colorwheel")
 
 
 def sample_clip(name: str) -> Path:
@@ -40,10 +45,17 @@ def sample_clip(name: str) -> Path:
 
 
 def photo(name: str) -> np.ndarray:
-    """A scikit-image photograph as RGB uint8."""
+    """A scikit-image photograph (or matplotlib's ``grace_hopper``) as RGB uint8."""
     import skimage.data as d
 
-    if name.startswith("motorcycle"):
+    if name == "grace_hopper":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            from PIL import Image
+
+            img = np.asarray(Image.open(f).convert("RGB"))
+    elif name.startswith("motorcycle"):
         left, right, _ = d.stereo_motorcycle()
         img = left if name.endswith("left") else right
     else:
