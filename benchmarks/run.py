@@ -293,6 +293,33 @@ def memory() -> None:
     _save("memory", {"rows": rows, "stream_480_over_48": s600 / s60})
 
 
+def large_frames() -> None:
+    """Peak memory and frames/s of the bundled same-size models on 1920x1080 and 3840x2160 frames (2 frames, no
+    warm-up: the first frame's one-off costs, such as building masks for a new size, count, as they do for a
+    short video). ``VRESTORE_BENCH_BEFORE=DIR`` (the ``src`` folder of another checkout, e.g. a ``git
+    worktree`` of an earlier commit) runs each case with that code too, right after this tree's, so a change's
+    rows compare on one machine and day."""
+    before = os.environ.get("VRESTORE_BENCH_BEFORE")
+    codes = [("this tree", {})]
+    if before:
+        commit = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        codes.append((f"before ({commit})", {"PYTHONPATH": str(Path(before).resolve())}))
+    rows = []
+    for size in ("1920x1080", "3840x2160"):
+        for model in ("qe-fast", "qe", "qe-hq"):
+            for code, env in codes:
+                row = {"model": model, "input": size, "code": code}
+                try:
+                    r = _subprocess(["--model", model, "--size", size, "--frames", "2", "--warmup", "0"], env=env)
+                    row |= {"peak_rss_mb": r["peak_rss_mb"], "sec_per_frame": r["seconds"] / r["frames"],
+                            "failed": ""}
+                except subprocess.CalledProcessError as e:  # the out-of-memory killer's SIGKILL is -9
+                    row |= {"peak_rss_mb": None, "sec_per_frame": None, "failed": f"exit {e.returncode}"}
+                rows.append(row)
+    _save("large_frames", {"frames": 2, "warmup": 0, "rows": rows})
+
+
 def speed() -> None:
     args = ["--model", "basicvsrpp_c64n7_x1", "--stage2", "none", "--size", "960x536", "--frames", "20",
             "--warmup", "4"]  # steady state for both: kernel set-up and first-touch memory are not throughput
@@ -626,7 +653,7 @@ if __name__ == "__main__":
     keep_freed_memory()
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
            "bundled": bundled, "stream": stream, "long_video": long_video, "stage2_depth": stage2_depth,
-           "quality_modes": quality_modes, "stage2_alone": stage2_alone,
+           "quality_modes": quality_modes, "stage2_alone": stage2_alone, "large_frames": large_frames,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]

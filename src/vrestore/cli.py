@@ -436,7 +436,8 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             quality: int = typer.Option(None, help="CRF for x264/x265."),
             chunk: int = typer.Option(32, help="Frames per temporal window."),
             overlap: int = typer.Option(8, help="Frames shared by consecutive windows."),
-            tile: int = typer.Option(0, help="Split frames into tiles of this many input pixels (0 = off)."),
+            tile: int = typer.Option(0, help="Split frames into tiles of this many input pixels (0 = off), "
+                                          "for both stages: bounds memory on large frames."),
             backend: str = typer.Option("auto", help="torch, onnxruntime (exports checkpoints on first use, "
                                         "cached), or auto (onnxruntime for .onnx models)."),
             size: str = typer.Option(None, help="For raw .yuv: WIDTHxHEIGHT."),

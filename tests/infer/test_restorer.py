@@ -222,6 +222,25 @@ def test_spatial_tiles_match_untiled(small_frames, random_model):
     assert float((tiled - full).abs().mean()) < 2e-3
 
 
+def test_tiles_reach_stage2_in_its_own_pixels(small_frames, random_model):
+    """`--tile` bounds both stages' memory: stage 2 gets tiles of the same area, in output pixels (tile x the
+    scale), and blends them close to the untiled result; ``stage2_tile=0`` keeps whole frames for stage 2."""
+    s1, s2 = random_model("basicvsrpp_c16n2_x4"), random_model("swinir_e24_color_dn", 1)
+    clip = torch.from_numpy(small_frames[:2, :40, :40]).permute(0, 3, 1, 2).float() / 255
+    seen: list[tuple[int, int]] = []
+    s2.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape[-2:])))
+    full = _fp32(s1, s2).run_clip(clip)
+    assert set(seen) == {(160, 160)}
+    seen.clear()
+    tiled = _fp32(s1, s2, tile=24, tile_overlap=8).run_clip(clip)
+    assert set(seen) == {(96, 96)} and len(seen) == 2 * 4  # 2 frames, 2 x 2 tiles of 24 input pixels
+    assert tiled.shape == full.shape
+    assert float((tiled - full).abs().mean()) < 5e-3
+    seen.clear()
+    _fp32(s1, s2, tile=24, tile_overlap=8, stage2_tile=0).run_clip(clip)
+    assert set(seen) == {(160, 160)}
+
+
 def test_dedup_repeats_outputs(small_frames, random_model):
     m = random_model("basicvsrpp_c16n2_x1")
     f = small_frames

@@ -95,6 +95,26 @@ def test_edge_windows_are_the_windows_the_shift_mask_touches(h, w):
     assert edge_windows(h, w, 8) == m.ne(0).flatten(1).any(1).nonzero().flatten().tolist()
 
 
+@pytest.mark.parametrize("h,w", [(40, 56), (8, 8), (480, 856)])
+def test_shift_mask_of_listed_windows_equals_those_rows_of_the_dense_mask(h, w):
+    dense = shift_mask(h, w, 8, 4)
+    some = [0, *edge_windows(h, w, 8)]
+    assert torch.equal(shift_mask(h, w, 8, 4, some), dense[some])
+    assert torch.equal(shift_mask(h, w, 8, 4, []), dense[:0])
+
+
+def test_eager_blocks_never_build_the_dense_mask():
+    """The dense mask grows with the frame (530 MB per shifted block at 1920x1080); eager inference and training
+    need the edge windows' masks alone, so no block may hold the dense one after an eager pass."""
+    m = build("swinir_t_color_dn").eval()
+    with torch.no_grad():
+        m(torch.rand(1, 3, 40, 56))
+    m(torch.rand(1, 3, 24, 32)).mean().backward()
+    blocks = [b for b in m.modules() if isinstance(b, SwinTransformerBlock)]
+    assert any(b.shift for b in blocks)
+    assert all(b._mask_cache is None for b in blocks)
+
+
 @pytest.mark.parametrize("upsampler,scale", [("pixelshuffle", 2), ("pixelshuffle", 4), ("pixelshuffledirect", 4)])
 def test_upsamplers_and_config_inference(tmp_path, upsampler, scale):
     m = build("swinir", embed_dim=24, depths=[2], num_heads=[2], img_size=32, upsampler=upsampler, upscale=scale,

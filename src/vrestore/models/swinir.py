@@ -51,18 +51,22 @@ def relative_position_index(ws: int) -> torch.Tensor:
     return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
 
 
-def shift_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+def shift_mask(h: int, w: int, ws: int, shift: int, windows: list[int] | None = None) -> torch.Tensor:
     """(nW, N, N) additive mask (0 / -100) separating regions that the cyclic
-    shift brought together."""
-    img = torch.zeros(1, h, w, 1)
+    shift brought together; ``windows``: only those windows' masks, (len, N, N).
+    The dense form grows with the image (530 MB in float32 for a 1920x1080
+    frame, 2 GB for 3840x2160, per shifted block), so the eager blocks build
+    the few edge windows' alone (``edge_windows``)."""
+    img = torch.zeros(1, h, w, 1, dtype=torch.uint8)  # region labels, 0 to 8
     cnt = 0
     for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
         for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
             img[:, hs, wsl, :] = cnt
             cnt += 1
     mw = window_partition(img, ws).squeeze(-1)
-    m = mw.unsqueeze(1) - mw.unsqueeze(2)
-    return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+    if windows is not None:
+        mw = mw[torch.tensor(windows, dtype=torch.long)]
+    return torch.zeros(mw.shape[0], ws * ws, ws * ws).masked_fill(mw.unsqueeze(1) != mw.unsqueeze(2), -100.0)
 
 
 def cached_for_size(owner: nn.Module, attr: str, key: tuple, build: Callable[[], T]) -> T:
@@ -192,7 +196,7 @@ class SwinTransformerBlock(nn.Module):
         self._plan: tuple[tuple, list] | None = None
 
     def _mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
-        """The shift mask for an h x w input (cached for the last size)."""
+        """The dense shift mask for an h x w input (cached for the last size), for the traced ``forward``."""
         if not self.shift:
             return None
         return cached_for_size(self, "_mask_cache", (h, w, device),
@@ -206,18 +210,19 @@ class SwinTransformerBlock(nn.Module):
                                lambda: self._plan_chunks(h, w, b, device))
 
     def _plan_chunks(self, h: int, w: int, b: int, device: torch.device) -> list[tuple]:
-        mask = self._mask(h, w, device)
         nw = (h // self.ws) * (w // self.ws)
-        edges = [img * nw + e for img in range(b) for e in edge_windows(h, w, self.ws)] if mask is not None else []
+        one = edge_windows(h, w, self.ws) if self.shift else []  # one image's edge windows, and their masks
+        masks = shift_mask(h, w, self.ws, self.shift, one).to(device) if one else None
+        edges = [(img * nw + e, k) for img in range(b) for k, e in enumerate(one)]
         plan = []
         for i in range(0, b * nw, self.chunk_windows):
             j = min(i + self.chunk_windows, b * nw)
-            if mask is None:
+            if masks is None:
                 plan.append((i, j, None, None))
                 continue
-            sel = [e for e in edges if i <= e < j]
-            plan.append((i, j, torch.tensor([e - i for e in sel], dtype=torch.long, device=device),
-                         mask[torch.tensor([e % nw for e in sel], dtype=torch.long, device=device)]))
+            sel = [(e, k) for e, k in edges if i <= e < j]
+            plan.append((i, j, torch.tensor([e - i for e, _ in sel], dtype=torch.long, device=device),
+                         masks[torch.tensor([k for _, k in sel], dtype=torch.long, device=device)]))
         return plan
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
