@@ -138,7 +138,8 @@ class Restorer:
     overlap by ``tile_overlap`` pixels (0 = never tile); ``stage2_tile``: the
     same for stage 2, in its own (output) pixels, by default the same tiles
     (``tile`` x the scale): a frame that needs tiles for stage 1's memory
-    needs them for stage 2's too (5.7 GB for `qe-fast` on a 3840x2160 frame). ``backend``: ``torch``,
+    needs them for stage 2's too (`qe-fast`, stage 2 alone, peaks at 6.7 GB on
+    3840x2160 frames: ``benchmarks/run.py large_frames``). ``backend``: ``torch``,
     ``onnxruntime`` (exported graphs; checkpoints are exported on first use,
     and the chunk is the exported T) or ``auto`` (by file extension).
     ``compile``: ``torch.compile`` stage 2 and, on the CPU, the sampling of
