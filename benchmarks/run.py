@@ -294,11 +294,12 @@ def memory() -> None:
 
 
 def large_frames() -> None:
-    """Peak memory and frames/s of the bundled same-size models on 1920x1080 and 3840x2160 frames (2 frames, no
-    warm-up: the first frame's one-off costs, such as building masks for a new size, count, as they do for a
-    short video). ``VRESTORE_BENCH_BEFORE=DIR`` (the ``src`` folder of another checkout, e.g. a ``git
-    worktree`` of an earlier commit) runs each case with that code too, right after this tree's, so a change's
-    rows compare on one machine and day."""
+    """Peak memory and frames/s of the bundled same-size models on 1920x1080 and 3840x2160 frames, untiled
+    (`vrestore bench` does not tile; `restore` tiles frames above 1920x1088 by default), 2 frames, no warm-up:
+    the first frame's one-off costs, such as building masks for a new size, count, as they do for a short video.
+    ``VRESTORE_BENCH_BEFORE=DIR`` (the ``src`` folder of another checkout, e.g. a ``git worktree`` of an earlier
+    commit) runs each case with that code too, right after this tree's, so a change's rows compare on one
+    machine and day."""
     before = os.environ.get("VRESTORE_BENCH_BEFORE")
     codes = [("this tree", {})]
     if before:

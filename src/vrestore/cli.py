@@ -309,7 +309,7 @@ def _parse_pqfs(pqf: str) -> list[int] | str | None:
 
 
 def make_restorer(model: ModelSpec, stage2: ModelSpec | list[ModelSpec] | None, ensemble: list[str] | None, *,
-                  tta: bool, dedup: bool, device: str, dtype: str, chunk: int, overlap: int, tile: int,
+                  tta: bool, dedup: bool, device: str, dtype: str, chunk: int, overlap: int, tile: int | None,
                   backend: str = "auto", compile: bool = False, channels_last: bool | None = None,
                   stage2_tta: int = 1):
     """Resolve model names/paths (a bundled name brings its own stage 2) or modules into a Restorer; several
@@ -436,8 +436,9 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             quality: int = typer.Option(None, help="CRF for x264/x265."),
             chunk: int = typer.Option(32, help="Frames per temporal window."),
             overlap: int = typer.Option(8, help="Frames shared by consecutive windows."),
-            tile: int = typer.Option(0, help="Split frames into tiles of this many input pixels (0 = off), "
-                                          "for both stages: bounds memory on large frames."),
+            tile: int | None = typer.Option(None, help="Split frames into tiles of this many input pixels, for both "
+                                          "stages, to bound memory (0 = off; default: 1024 for frames above "
+                                          "1920x1088, none below)."),
             backend: str = typer.Option("auto", help="torch, onnxruntime (exports checkpoints on first use, "
                                         "cached), or auto (onnxruntime for .onnx models)."),
             size: str = typer.Option(None, help="For raw .yuv: WIDTHxHEIGHT."),
@@ -472,8 +473,9 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             rep = restorer.restore_video(src, output, codec=codec, quality=quality, pqfs=pqfs, overwrite=overwrite,
                                          raw=raw, progress=tick)
         compiled = ", deformable sampling compiled (long video)" if rep.extra["dcn_sampler"] == "auto" else ""
+        tiles = f", tiles of {rep.extra['tile']} px" if rep.extra["tile"] else ""
         out.print(f"wrote {rep.output}: {rep.frames} frames in {rep.seconds:.1f} s ({rep.fps:.2f} fps, "
-                  f"{rep.extra['precision']}{compiled})", highlight=False)
+                  f"{rep.extra['precision']}{compiled}{tiles})", highlight=False)
         _warn_damage(src, rep)
         return
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -241,6 +241,28 @@ def test_tiles_reach_stage2_in_its_own_pixels(small_frames, random_model):
     assert set(seen) == {(160, 160)}
 
 
+def test_default_tiles_only_frames_above_the_threshold(small_frames, random_model, monkeypatch):
+    """``tile=None`` (``restore``'s default) tiles both stages of frames above ``AUTO_TILE_ABOVE`` input pixels
+    with ``AUTO_TILE``, and leaves smaller frames whole; an explicit 0 never tiles."""
+    import vrestore.infer.restorer as rmod
+
+    monkeypatch.setattr(rmod, "AUTO_TILE_ABOVE", 32 * 32)
+    monkeypatch.setattr(rmod, "AUTO_TILE", 24)
+    s1, s2 = random_model("basicvsrpp_c16n2_x4"), random_model("swinir_e24_color_dn", 1)
+    seen: list[tuple[int, int]] = []
+    s2.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape[-2:])))
+    auto = _fp32(s1, s2, tile=None, tile_overlap=8)
+    big = torch.from_numpy(small_frames[:2, :40, :40]).permute(0, 3, 1, 2).float() / 255
+    auto.run_clip(big)
+    assert set(seen) == {(96, 96)} and auto.tile_for(40, 40) == 24
+    seen.clear()
+    auto.run_clip(big[..., :32, :32])  # 32 x 32: not above the threshold
+    assert set(seen) == {(128, 128)} and auto.tile_for(32, 32) == 0
+    seen.clear()
+    _fp32(s1, s2, tile=0).run_clip(big)
+    assert set(seen) == {(160, 160)}
+
+
 def test_dedup_repeats_outputs(small_frames, random_model):
     m = random_model("basicvsrpp_c16n2_x1")
     f = small_frames

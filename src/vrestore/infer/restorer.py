@@ -26,6 +26,13 @@ from . import device as devmod
 
 log = logging.getLogger(__name__)
 
+#: ``tile=None`` (``restore``'s default) tiles frames above this many input pixels (above 1920x1088): `qe` peaked
+#: at 8.2 GB on a 32-frame window at 1920x1080 (``vrestore bench --model qe --size 1920x1080 --frames 32 --warmup
+#: 0``) and would need about four times that at 3840x2160, more than the 24 GB of this project's machine
+AUTO_TILE_ABOVE = 1920 * 1088
+#: and with tiles of this many input pixels a side
+AUTO_TILE = 1024
+
 ModelSpec = nn.Module | str | os.PathLike
 BACKENDS = ("auto", "torch", "onnxruntime")
 #: Stage-1 feature pixels x frames from which ``restore_video`` compiles the deformable convolutions' sampler
@@ -135,9 +142,11 @@ class Restorer:
     linearly, then stage 2 once per frame; with x8 TTA the final outputs are
     blended); without stage 1 windows share nothing. ``tile``:
     split frames larger than ``tile`` x ``tile`` input pixels into tiles that
-    overlap by ``tile_overlap`` pixels (0 = never tile); ``stage2_tile``: the
+    overlap by ``tile_overlap`` pixels (0 = never tile; None, ``restore``'s
+    default: ``AUTO_TILE`` for frames larger than ``AUTO_TILE_ABOVE`` input
+    pixels, else none); ``stage2_tile``: the
     same for stage 2, in its own (output) pixels, by default the same tiles
-    (``tile`` x the scale): a frame that needs tiles for stage 1's memory
+    (the stage-1 tile x the scale): a frame that needs tiles for stage 1's memory
     needs them for stage 2's too (`qe-fast`, stage 2 alone, peaks at 6.7 GB on
     3840x2160 frames: ``benchmarks/run.py large_frames``). ``backend``: ``torch``,
     ``onnxruntime`` (exported graphs; checkpoints are exported on first use,
@@ -151,7 +160,7 @@ class Restorer:
     def __init__(self, stage1: ModelSpec | list[ModelSpec] | None, stage2: ModelSpec | list[ModelSpec] | None = None,
                  *,
                  tta: bool = False, device: str = "auto", dtype: str = "auto", chunk: int = 32,
-                 overlap: int = 8, tile: int = 0, tile_overlap: int = 32, stage2_tile: int | None = None,
+                 overlap: int = 8, tile: int | None = 0, tile_overlap: int = 32, stage2_tile: int | None = None,
                  dedup: bool = False, channels_last: bool | None = None, backend: str = "auto",
                  compile: bool = False, stage2_tta: int = 1):
         specs = list(stage1) if isinstance(stage1, (list, tuple)) else [] if stage1 in (None, "none") else [stage1]
@@ -201,8 +210,7 @@ class Restorer:
             raise VrestoreError("x8 TTA already transforms stage 2: use TTA or stage-2 TTA, not both")
         self.tta, self.chunk, self.overlap = tta, chunk, overlap
         self.stage2_transforms = STAGE2_TTA[stage2_tta]
-        self.tile, self.tile_overlap = tile, tile_overlap
-        self.stage2_tile = tile * self.scale if stage2_tile is None else stage2_tile
+        self.tile, self.tile_overlap, self.stage2_tile = tile, tile_overlap, stage2_tile
         self.dedup = dedup
         ort = [m for m in [*self.stage1, *self.stage2s] if not isinstance(m, nn.Module)]
         self.engine = (f"onnxruntime {ort[0].session.get_providers()[0]} float32" if ort
@@ -236,11 +244,22 @@ class Restorer:
             acc = y if acc is None else acc + y
         return acc / len(self.stage1)
 
+    def tile_for(self, height: int, width: int) -> int:
+        """Stage 1's tile for frames of this input size: ``tile``, or with ``tile=None`` ``AUTO_TILE`` above
+        ``AUTO_TILE_ABOVE`` pixels (0: no tiles)."""
+        if self.tile is not None:
+            return self.tile
+        return AUTO_TILE if height * width > AUTO_TILE_ABOVE else 0
+
     def _stage2(self, frames: torch.Tensor) -> torch.Tensor:
         """Each frame through stage 2; an ensemble's members (and the stage-2
         TTA transforms) see the same frame and their float outputs are averaged."""
         if not self.stage2s:
             return frames
+        s2_tile = self.stage2_tile
+        if s2_tile is None:  # stage 1's tiles, in stage 2's (output) pixels
+            h, w = frames.shape[-2:]
+            s2_tile = self.tile_for(h // self.scale, w // self.scale) * self.scale
         out = torch.empty_like(frames)
 
         def run(t: torch.Tensor) -> torch.Tensor:
@@ -256,8 +275,8 @@ class Restorer:
         for i in range(frames.shape[0]):
             x = frames[i: i + 1].contiguous()  # one layout, so a compiled stage 2 does not recompile per stride
             with self.precision.autocast():
-                if self.stage2_tile:
-                    out[i: i + 1] = self._tiled(run, x, self.stage2_tile, self.tile_overlap, 1)
+                if s2_tile:
+                    out[i: i + 1] = self._tiled(run, x, s2_tile, self.tile_overlap, 1)
                 else:
                     out[i: i + 1] = run(x)
         return out
@@ -299,7 +318,8 @@ class Restorer:
         with torch.inference_mode():
             for k in transforms:
                 x = tta_forward(clip, k)
-                y = self._tiled(lambda t, _p=pqfs: self._stage1(t, _p), x, self.tile, self.tile_overlap, self.scale)
+                y = self._tiled(lambda t, _p=pqfs: self._stage1(t, _p), x, self.tile_for(*x.shape[-2:]),
+                                self.tile_overlap, self.scale)
                 y = tta_inverse(self._stage2(y) if stage2 else y, k)
                 acc = y if acc is None else acc + y
         return acc / len(transforms)
@@ -398,7 +418,8 @@ class Restorer:
         chose a sampler (``dcn.user_sampler``), which would win anyway."""
         layers = [(m, d) for m in self.stage1 if isinstance(m, nn.Module)
                   for d in m.modules() if isinstance(d, ModulatedDeformConv2d)]
-        if (not num_frames or not layers or self.tile or any(d.sampler is not None for _, d in layers)
+        if (not num_frames or not layers or self.tile_for(height, width)
+                or any(d.sampler is not None for _, d in layers)
                 or not can_compile_on(self.precision.device) or user_sampler()):
             return None
         # BasicVSR++ pads to a multiple of its feature scale: features at 1/4 size (same size) or full (x4).
@@ -457,7 +478,8 @@ class Restorer:
         if sampler and not can_compile_on(self.precision.device):  # compiling failed part-way: grid_sample since
             sampler = "grid_sample (compiling failed)"
         extra = {"corrupt_packets": reader.corrupt_packets, "truncated": reader.truncated,
-                 "precision": self.engine, "dcn_sampler": sampler or "default"}
+                 "precision": self.engine, "dcn_sampler": sampler or "default",
+                 "tile": self.tile_for(info.height, info.width)}
         return RestoreReport(str(src), str(dst), n, unique, dt, n / dt if dt else 0.0,
                              pqfs if isinstance(pqfs, list) else None, extra)
 
