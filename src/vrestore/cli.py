@@ -437,8 +437,8 @@ def restore(src: Path = typer.Argument(..., help="Input video, raw .yuv, PNG fol
             chunk: int = typer.Option(32, help="Frames per temporal window."),
             overlap: int = typer.Option(8, help="Frames shared by consecutive windows."),
             tile: int | None = typer.Option(None, help="Split frames into tiles of this many input pixels, for both "
-                                          "stages, to bound memory (0 = off; default: 1024 for frames above "
-                                          "1920x1088, none below)."),
+                                          "stages, to bound memory (0 = off; default: 1024 for same-size frames "
+                                          "above 1920x1088, 256 for x4 inputs above 480x272, none below)."),
             backend: str = typer.Option("auto", help="torch, onnxruntime (exports checkpoints on first use, "
                                         "cached), or auto (onnxruntime for .onnx models)."),
             size: str = typer.Option(None, help="For raw .yuv: WIDTHxHEIGHT."),

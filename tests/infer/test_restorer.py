@@ -242,12 +242,17 @@ def test_tiles_reach_stage2_in_its_own_pixels(small_frames, random_model):
 
 
 def test_default_tiles_only_frames_above_the_threshold(small_frames, random_model, monkeypatch):
-    """``tile=None`` (``restore``'s default) tiles both stages of frames above ``AUTO_TILE_ABOVE`` input pixels
-    with ``AUTO_TILE``, and leaves smaller frames whole; an explicit 0 never tiles."""
+    """``tile=None`` (``restore``'s default) tiles both stages where stage 1's features have more than
+    ``AUTO_TILE_ABOVE`` pixels, with ``AUTO_TILE`` feature pixels a side, and leaves smaller frames whole; an
+    explicit 0 never tiles. The x4 model's features are at the input's size, the same-size model's at 1/4."""
     import vrestore.infer.restorer as rmod
 
     monkeypatch.setattr(rmod, "AUTO_TILE_ABOVE", 32 * 32)
     monkeypatch.setattr(rmod, "AUTO_TILE", 24)
+    same = _fp32(random_model("basicvsrpp_c16n2_x1"), tile=None)
+    assert (same.tile_for(160, 160), same.tile_for(128, 128)) == (96, 0)  # features 40x40 and 32x32
+    alone = _fp32(None, random_model("swinir_e24_color_dn"), tile=None)  # counted as a same-size model
+    assert (alone.tile_for(160, 160), alone.tile_for(128, 128)) == (96, 0)
     s1, s2 = random_model("basicvsrpp_c16n2_x4"), random_model("swinir_e24_color_dn", 1)
     seen: list[tuple[int, int]] = []
     s2.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape[-2:])))

@@ -26,12 +26,15 @@ from . import device as devmod
 
 log = logging.getLogger(__name__)
 
-#: ``tile=None`` (``restore``'s default) tiles frames above this many input pixels (above 1920x1088): `qe` peaked
-#: at 8.2 GB on a 32-frame window at 1920x1080 (``vrestore bench --model qe --size 1920x1080 --frames 32 --warmup
-#: 0``) and would need about four times that at 3840x2160, more than the 24 GB of this project's machine
-AUTO_TILE_ABOVE = 1920 * 1088
-#: and with tiles of this many input pixels a side
-AUTO_TILE = 1024
+#: ``tile=None`` (``restore``'s default) tiles frames whose stage-1 features (1/4 of each side for the same-size
+#: models, the input's size for `x4`) have more pixels than this, those of a 1920x1088 same-size frame: `qe`
+#: peaked at 8.2 GB on a 32-frame window at 1920x1080 (``vrestore bench --model qe --size 1920x1080 --frames 32
+#: --warmup 0``) and would need about four times that at 3840x2160, more than the 24 GB of this project's
+#: machine; `x4` from 640x360 (230,400 feature pixels) peaked at 4.2 and 4.9 GB on 2 and 8 frames (``vrestore
+#: bench --model x4 --size 640x360 --frames N --warmup 0``), about 126 MB more per frame of the window
+AUTO_TILE_ABOVE = (1920 // 4) * (1088 // 4)
+#: and with tiles of this many feature pixels a side (1024 input pixels for the same-size models, 256 for `x4`)
+AUTO_TILE = 256
 
 ModelSpec = nn.Module | str | os.PathLike
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -143,8 +146,8 @@ class Restorer:
     blended); without stage 1 windows share nothing. ``tile``:
     split frames larger than ``tile`` x ``tile`` input pixels into tiles that
     overlap by ``tile_overlap`` pixels (0 = never tile; None, ``restore``'s
-    default: ``AUTO_TILE`` for frames larger than ``AUTO_TILE_ABOVE`` input
-    pixels, else none); ``stage2_tile``: the
+    default: tiles where stage 1's features are larger than
+    ``AUTO_TILE_ABOVE`` pixels, ``tile_for``); ``stage2_tile``: the
     same for stage 2, in its own (output) pixels, by default the same tiles
     (the stage-1 tile x the scale): a frame that needs tiles for stage 1's memory
     needs them for stage 2's too (`qe-fast`, stage 2 alone, peaks at 6.7 GB on
@@ -245,11 +248,13 @@ class Restorer:
         return acc / len(self.stage1)
 
     def tile_for(self, height: int, width: int) -> int:
-        """Stage 1's tile for frames of this input size: ``tile``, or with ``tile=None`` ``AUTO_TILE`` above
-        ``AUTO_TILE_ABOVE`` pixels (0: no tiles)."""
+        """Stage 1's tile, in input pixels, for frames of this input size: ``tile``, or with ``tile=None``
+        ``AUTO_TILE`` feature pixels where the features have more than ``AUTO_TILE_ABOVE`` (0: no tiles).
+        Stage 2 alone counts as a same-size model (features at 1/4)."""
         if self.tile is not None:
             return self.tile
-        return AUTO_TILE if height * width > AUTO_TILE_ABOVE else 0
+        m = max((getattr(s, "multiple", 1) for s in self.stage1), default=4)
+        return AUTO_TILE * m if (height // m) * (width // m) > AUTO_TILE_ABOVE else 0
 
     def _stage2(self, frames: torch.Tensor) -> torch.Tensor:
         """Each frame through stage 2; an ensemble's members (and the stage-2
