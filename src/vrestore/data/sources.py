@@ -49,12 +49,10 @@ def photo(name: str) -> np.ndarray:
     import skimage.data as d
 
     if name == "grace_hopper":
-        import matplotlib.cbook
+        from matplotlib.cbook import get_sample_data
+        from skimage.io import imread
 
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-            from PIL import Image
-
-            img = np.asarray(Image.open(f).convert("RGB"))
+        img = imread(get_sample_data("grace_hopper.jpg", asfileobj=False))
     elif name.startswith("motorcycle"):
         left, right, _ = d.stereo_motorcycle()
         img = left if name.endswith("left") else right
