@@ -696,6 +696,8 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
           compile: bool = typer.Option(False, "--compile", help="torch.compile as `restore --compile` (stage 2, "
                                        "stage 1's DCN sampling); the compilation happens in the warm-up frames."),
           stage2_tta: int = typer.Option(1, "--stage2-tta", help="As `restore --stage2-tta`."),
+          tile: int = typer.Option(0, help="Tiles of this many input pixels, as `restore --tile` (0: none; "
+                                   "-1: `restore`'s default for this size and machine)."),
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
     from .infer.bench import bench as run_bench
@@ -714,8 +716,9 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
     # a bundled name brings its own stage 2 unless --stage2 names one; a registered size (stage 1 or 2) is
     # built with random weights: the same arithmetic, so the same speed
     r = make_restorer(resolve(model), [resolve(n) or "none" for n in names] or None, None, tta=False, dedup=False,
-                      device=device, dtype=dtype, chunk=chunk, overlap=min(overlap, chunk // 2), tile=0,
-                      compile=compile, channels_last=False if plain else None, stage2_tta=stage2_tta)
+                      device=device, dtype=dtype, chunk=chunk, overlap=min(overlap, chunk // 2),
+                      tile=None if tile < 0 else tile, compile=compile, channels_last=False if plain else None,
+                      stage2_tta=stage2_tta)
     label = names[0] if len(names) == 1 else names or "auto"
     res = run_bench(r, w, h, frames, whole=whole, warmup=warmup) | {"model": model, "stage2": label, "plain": plain,
                                                                      "stage2_used": r.stage2 is not None,

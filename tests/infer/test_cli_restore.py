@@ -102,7 +102,13 @@ def test_bench_reports_json(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["frames"] == 3 and res["fps"] > 0 and res["peak_rss_mb"] > 0
-    assert not res["stage2_used"]
+    assert not res["stage2_used"] and res["tile"] == 0  # bench tiles only when asked
+    for tile, want in (("32", 32), ("-1", 0)):  # -1: restore's default, none below the threshold
+        r = runner.invoke(app, ["bench", "--model", "basicvsrpp_c16n2_x1", "--size", "64x48", "--frames", "2",
+                                "--dtype", "fp32", "--chunk", "2", "--overlap", "0", "--tile", tile,
+                                "--json", str(tmp_path / "t.json")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "t.json").read_text())["tile"] == want
 
 
 @pytest.mark.parametrize("stage2,members,plain,tta", [(["auto"], 1, False, 1), (["none"], 0, True, 1),

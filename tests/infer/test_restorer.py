@@ -222,9 +222,33 @@ def test_spatial_tiles_match_untiled(small_frames, random_model):
     assert float((tiled - full).abs().mean()) < 2e-3
 
 
+def test_tiles_are_few_and_even():
+    """Each axis gets the fewest tiles of at most ``size`` that share ``overlap`` pixels, all of one length and
+    spread evenly: the old placement (tiles of ``size`` from the start, the last flush with the end) gave 1080
+    rows two 1024-row tiles, 1.9x the work; now two of 560."""
+    from vrestore.infer.restorer import _tiling
+
+    assert _tiling(1080, 1024, 32) == (560, [0, 520])
+    assert _tiling(100, 128, 32) == (100, [0])
+    for total in (33, 100, 257, 480, 1080, 2160, 3840):
+        for size in (24, 40, 64, 256, 1000, 1024):
+            for overlap in (0, 8, 32):
+                length, starts = _tiling(total, size, overlap)
+                if total <= size:
+                    assert (length, starts) == (total, [0])
+                    continue
+                ov = min(overlap, size // 2)
+                n = len(starts)
+                assert length <= size and starts[0] == 0 and starts[-1] + length == total
+                assert all(a + length - b >= ov for a, b in zip(starts, starts[1:], strict=False))
+                assert (n - 1) * size - (n - 2) * ov < total  # one tile fewer could not cover the axis
+                steps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+                assert steps[:-1] == [steps[0]] * (n - 2) and 0 < steps[-1] <= steps[0]  # even, the last clamped
+
+
 def test_tiles_reach_stage2_in_its_own_pixels(small_frames, random_model):
-    """`--tile` bounds both stages' memory: stage 2 gets tiles of the same area, in output pixels (tile x the
-    scale), and blends them close to the untiled result; ``stage2_tile=0`` keeps whole frames for stage 2."""
+    """`--tile` bounds both stages' memory: stage 2 gets tiles of at most the same area, in output pixels (tile
+    x the scale), and blends them close to the untiled result; ``stage2_tile=0`` keeps whole frames for stage 2."""
     s1, s2 = random_model("basicvsrpp_c16n2_x4"), random_model("swinir_e24_color_dn", 1)
     clip = torch.from_numpy(small_frames[:2, :40, :40]).permute(0, 3, 1, 2).float() / 255
     seen: list[tuple[int, int]] = []
@@ -233,7 +257,8 @@ def test_tiles_reach_stage2_in_its_own_pixels(small_frames, random_model):
     assert set(seen) == {(160, 160)}
     seen.clear()
     tiled = _fp32(s1, s2, tile=24, tile_overlap=8).run_clip(clip)
-    assert set(seen) == {(96, 96)} and len(seen) == 2 * 4  # 2 frames, 2 x 2 tiles of 24 input pixels
+    # 2 frames, 2 x 2 tiles of at most 24 input pixels (96 output): 160 output pixels take two of 88
+    assert set(seen) == {(88, 88)} and len(seen) == 2 * 4
     assert tiled.shape == full.shape
     assert float((tiled - full).abs().mean()) < 5e-3
     seen.clear()
@@ -259,7 +284,7 @@ def test_default_tiles_only_frames_above_the_threshold(small_frames, random_mode
     auto = _fp32(s1, s2, tile=None, tile_overlap=8)
     big = torch.from_numpy(small_frames[:2, :40, :40]).permute(0, 3, 1, 2).float() / 255
     auto.run_clip(big)
-    assert set(seen) == {(96, 96)} and auto.tile_for(40, 40) == 24
+    assert set(seen) == {(88, 88)} and auto.tile_for(40, 40) == 24  # two tiles of 88 output pixels a side
     seen.clear()
     auto.run_clip(big[..., :32, :32])  # 32 x 32: not above the threshold
     assert set(seen) == {(128, 128)} and auto.tile_for(32, 32) == 0

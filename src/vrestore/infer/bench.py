@@ -58,5 +58,6 @@ def bench(restorer, width: int, height: int, frames: int, *, whole: bool = False
     return {"frames": n, "width": width, "height": height, "seconds": dt, "fps": n / dt,
             "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0, "mode": "whole" if whole else "stream",
             "precision": restorer.engine, "chunk": restorer.chunk, "overlap": restorer.overlap,
+            "tile": restorer.tile_for(height, width),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
             or platform.machine()}

@@ -107,13 +107,22 @@ def _ramp(n: int, lo_overlap: int, hi_overlap: int) -> torch.Tensor:
     return w
 
 
-def _starts(total: int, size: int, overlap: int) -> list[int]:
+def _tiling(total: int, size: int, overlap: int) -> tuple[int, list[int]]:
+    """One axis of the tiles: their length and starts. As few tiles as ``size`` allows, all of one length
+    (a multiple of 8 where ``size`` allows), spread evenly with at least ``overlap`` shared pixels. Tiles of
+    ``size`` placed from the start would leave the last one mostly overlap: 1024 px tiles on 1080 rows
+    restored 1024 + 1024 rows, where two tiles of 560 cover them."""
     if total <= size:
-        return [0]
-    step = max(1, size - overlap)
-    s = list(range(0, total - size, step))
-    s.append(total - size)
-    return s
+        return total, [0]
+    overlap = min(overlap, size // 2)
+    n = -(-(total - overlap) // (size - overlap))
+    length = -(-(total + (n - 1) * overlap) // n)
+    length = min(size, -(-length // 8) * 8)
+    step = -(-(total - length) // (n - 1))
+    while length - step < overlap:  # integer steps: never share less than asked
+        length += 1
+        step = -(-(total - length) // (n - 1))
+    return length, [min(i * step, total - length) for i in range(n)]
 
 
 @dataclass
@@ -144,8 +153,9 @@ class Restorer:
     and frames shared by consecutive windows (stage 1's outputs blended
     linearly, then stage 2 once per frame; with x8 TTA the final outputs are
     blended); without stage 1 windows share nothing. ``tile``:
-    split frames larger than ``tile`` x ``tile`` input pixels into tiles that
-    overlap by ``tile_overlap`` pixels (0 = never tile; None, ``restore``'s
+    split frames larger than ``tile`` x ``tile`` input pixels into the fewest
+    tiles of at most that size that overlap by ``tile_overlap`` pixels, all of
+    one size (``_tiling``) (0 = never tile; None, ``restore``'s
     default: tiles where stage 1's features are larger than
     ``AUTO_TILE_ABOVE`` pixels, ``tile_for``); ``stage2_tile``: the
     same for stage 2, in its own (output) pixels, by default the same tiles
@@ -292,12 +302,11 @@ class Restorer:
         h, w = x.shape[-2:]
         if not tile or (h <= tile and w <= tile):
             return fn(x)
-        ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+        (th, ys), (tw, xs) = _tiling(h, tile, overlap), _tiling(w, tile, overlap)
         out = None
         norm = torch.zeros(h * scale, w * scale, device=x.device)
         for yi, y0 in enumerate(ys):
             for xi, x0 in enumerate(xs):
-                th, tw = min(tile, h), min(tile, w)
                 y = fn(x[..., y0: y0 + th, x0: x0 + tw])
                 lo_y = (ys[yi - 1] + th - y0) * scale if yi > 0 else 0
                 hi_y = (y0 + th - ys[yi + 1]) * scale if yi + 1 < len(ys) else 0
