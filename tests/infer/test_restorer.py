@@ -222,6 +222,31 @@ def test_spatial_tiles_match_untiled(small_frames, random_model):
     assert float((tiled - full).abs().mean()) < 2e-3
 
 
+def test_window_buffers_are_reused_and_callers_tensors_kept(small_frames, random_model):
+    """The stream's stage 2 writes each output over its own input frame (one window of float frames less,
+    ``inplace``), with the same values; the public ``run_clip`` never writes into the caller's clip, even for
+    stage 2 alone, whose stage-1 output is the clip itself."""
+    s2 = random_model("swinir_e24_color_dn", 1)
+    r = _fp32(None, s2)
+    clip = torch.from_numpy(small_frames[:2, :24, :24]).permute(0, 3, 1, 2).float() / 255
+    kept = clip.clone()
+    with torch.inference_mode():
+        want = r._stage2(clip)
+        assert torch.equal(clip, kept)
+        work = clip.clone()
+        got = r._stage2(work, inplace=True)
+    assert got is work and torch.equal(got, want)
+    for tta in (False, True):
+        _fp32(None, s2, tta=tta).run_clip(clip)
+        assert torch.equal(clip, kept)
+    # the stream (uint8 inputs until a window runs, outputs converted in place) gives run_clip's frames
+    frames = small_frames[:5, :24, :24]
+    streamed = _fp32(None, s2, chunk=3).restore_frames(frames)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    direct = (r.run_clip(x).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(streamed, direct)
+
+
 def test_tiles_are_few_and_even():
     """Each axis gets the fewest tiles of at most ``size`` that share ``overlap`` pixels, all of one length and
     spread evenly: the old placement (tiles of ``size`` from the start, the last flush with the end) gave 1080

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 #: ``tile=None`` (``restore``'s default) tiles frames whose stage-1 features (1/4 of each side for the same-size
 #: models, the input's size for `x4`) have more pixels than this, those of a 1920x1088 same-size frame: `qe`
-#: peaked at 8.2 GB on a 32-frame window at 1920x1080 (``vrestore bench --model qe --size 1920x1080 --frames 32
-#: --warmup 0``) and would need about four times that at 3840x2160, more than the 24 GB of this project's
+#: peaked at 5.9 GB on a 32-frame window at 1920x1080 (``vrestore bench --model qe --size 1920x1080 --frames 32
+#: --warmup 0``) and would need about four times that at 3840x2160, all of the 24 GB of this project's
 #: machine; `x4` from 640x360 (230,400 feature pixels) peaked at 4.2 and 4.9 GB on 2 and 8 frames (``vrestore
 #: bench --model x4 --size 640x360 --frames N --warmup 0``), about 126 MB more per frame of the window
 AUTO_TILE_ABOVE = (1920 // 4) * (1088 // 4)
@@ -266,16 +266,17 @@ class Restorer:
         m = max((getattr(s, "multiple", 1) for s in self.stage1), default=4)
         return AUTO_TILE * m if (height // m) * (width // m) > AUTO_TILE_ABOVE else 0
 
-    def _stage2(self, frames: torch.Tensor) -> torch.Tensor:
+    def _stage2(self, frames: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Each frame through stage 2; an ensemble's members (and the stage-2
-        TTA transforms) see the same frame and their float outputs are averaged."""
+        TTA transforms) see the same frame and their float outputs are averaged. ``inplace``: each output
+        replaces its input frame (the stream's own windows: one window's float frames less)."""
         if not self.stage2s:
             return frames
         s2_tile = self.stage2_tile
         if s2_tile is None:  # stage 1's tiles, in stage 2's (output) pixels
             h, w = frames.shape[-2:]
             s2_tile = self.tile_for(h // self.scale, w // self.scale) * self.scale
-        out = torch.empty_like(frames)
+        out = frames if inplace else torch.empty_like(frames)
 
         def run(t: torch.Tensor) -> torch.Tensor:
             acc = None
@@ -336,7 +337,7 @@ class Restorer:
                                 self.tile_overlap, self.scale)
                 y = tta_inverse(self._stage2(y) if stage2 else y, k)
                 acc = y if acc is None else acc + y
-        return acc / len(transforms)
+        return acc if len(transforms) == 1 else acc / len(transforms)
 
     # -- streams -------------------------------------------------------------
     def stream(self, frames: Iterable[np.ndarray], pqfs: list[int] | None = None) -> Iterator[np.ndarray]:
@@ -376,6 +377,7 @@ class Restorer:
         # the frames). x8 TTA pairs each transform's two stages, so there the windows' final outputs blend.
         late = not self.tta
 
+        @torch.inference_mode()
         def run(final: bool) -> None:
             nonlocal buf, start, pending
             ov = 0 if pending is None else pending.shape[0]
@@ -387,17 +389,19 @@ class Restorer:
                 # alone needs none).
                 ctx = min(self.chunk, len(recent)) - len(buf) if final and self.stage1 else 0
                 clip = list(recent)[len(recent) - len(buf) - ctx:] if ctx else buf
-                out = self.run_clip(torch.stack(clip), window_pqfs(start - ctx, len(clip)), stage2=not late)[ctx:]
+                x = torch.stack(clip).float().div_(255.0)
+                out = self.run_clip(x, window_pqfs(start - ctx, len(clip)), stage2=not late)[ctx:]
+                del x  # freed before stage 2 runs (stage 2 alone keeps it, as stage 1's output, in ``out``)
                 if ov:
                     w = _ramp(2 * ov, 0, ov)[ov:].view(-1, 1, 1, 1).to(out.device)  # previous window's weight
                     out[:ov] = pending * w + out[:ov] * (1 - w)
             keep = 0 if final else min(self.overlap, len(buf) - ov - 1)
             done = out[: len(buf) - keep]
             if late and self.stage2s:
-                with torch.inference_mode():
-                    done = self._stage2(done)
+                done = self._stage2(done, inplace=True)
             done = _keep_grey(done, buf[: len(done)])
-            arr = (done.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            # in place: ``done`` is this window's own (float frames the size of the output, a window of them)
+            arr = done.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ready.extend(arr)
             pending = out[len(buf) - keep:] if keep else None
             start += len(buf) - keep
@@ -409,7 +413,8 @@ class Restorer:
             self.stats["unique_frames"] += 1
             if unique_pqfs is not None and orig_idx in pqf_set:
                 unique_pqfs.append(start + len(buf))
-            buf.append(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).float() / 255.0)
+            # uint8 until a window runs: a window of float input frames is 4x the memory
+            buf.append(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1))
             recent.append(buf[-1])
             if len(buf) >= self.chunk:
                 run(final=False)
