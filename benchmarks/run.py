@@ -300,6 +300,15 @@ def large_frames() -> None:
     ``VRESTORE_BENCH_BEFORE=DIR`` (the ``src`` folder of another checkout, e.g. a ``git worktree`` of an earlier
     commit) runs each case with that code too, right after this tree's, so a change's rows compare on one
     machine and day."""
+    rows = [row for size in ("1920x1080", "3840x2160") for model in ("qe-fast", "qe", "qe-hq")
+            for row in _memory_rows(model, size, ["--frames", "2"])]
+    _save("large_frames", {"frames": 2, "warmup": 0, "rows": rows})
+
+
+def _memory_rows(model: str, size: str, args: list[str]) -> list[dict]:
+    """`vrestore bench --warmup 0` of one case (peak memory, seconds per frame) with this tree and, with
+    ``VRESTORE_BENCH_BEFORE=DIR`` (the ``src`` folder of another checkout), right after with that code; a
+    child the out-of-memory killer stops is recorded, not fatal."""
     before = os.environ.get("VRESTORE_BENCH_BEFORE")
     codes = [("this tree", {})]
     if before:
@@ -307,18 +316,24 @@ def large_frames() -> None:
                                 text=True, check=True).stdout.strip()
         codes.append((f"before ({commit})", {"PYTHONPATH": str(Path(before).resolve())}))
     rows = []
-    for size in ("1920x1080", "3840x2160"):
-        for model in ("qe-fast", "qe", "qe-hq"):
-            for code, env in codes:
-                row = {"model": model, "input": size, "code": code}
-                try:
-                    r = _subprocess(["--model", model, "--size", size, "--frames", "2", "--warmup", "0"], env=env)
-                    row |= {"peak_rss_mb": r["peak_rss_mb"], "sec_per_frame": r["seconds"] / r["frames"],
-                            "failed": ""}
-                except subprocess.CalledProcessError as e:  # the out-of-memory killer's SIGKILL is -9
-                    row |= {"peak_rss_mb": None, "sec_per_frame": None, "failed": f"exit {e.returncode}"}
-                rows.append(row)
-    _save("large_frames", {"frames": 2, "warmup": 0, "rows": rows})
+    for code, env in codes:
+        row = {"model": model, "input": size, "args": " ".join(args), "code": code}
+        try:
+            r = _subprocess(["--model", model, "--size", size, "--warmup", "0", *args], env=env)
+            row |= {"peak_rss_mb": r["peak_rss_mb"], "sec_per_frame": r["seconds"] / r["frames"], "failed": ""}
+        except subprocess.CalledProcessError as e:  # the out-of-memory killer's SIGKILL is -9
+            row |= {"peak_rss_mb": None, "sec_per_frame": None, "failed": f"exit {e.returncode}"}
+        rows.append(row)
+    return rows
+
+
+def window_memory() -> None:
+    """Peak memory of full temporal windows at 1920x1080 (`restore`'s default chunk of 32 frames), untiled
+    and in 1024 px tiles (``bench --tile``), where a window's frames, not one frame's transients, set the
+    peak; ``VRESTORE_BENCH_BEFORE`` as in ``large_frames``."""
+    cases = [("qe", ["--frames", "32"]), ("qe", ["--frames", "16"]), ("qe", ["--frames", "32", "--tile", "1024"]),
+             ("qe-fast", ["--frames", "8"])]
+    _save("window_memory", {"warmup": 0, "rows": [r for m, a in cases for r in _memory_rows(m, "1920x1080", a)]})
 
 
 def speed() -> None:
@@ -655,6 +670,7 @@ if __name__ == "__main__":
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
            "bundled": bundled, "stream": stream, "long_video": long_video, "stage2_depth": stage2_depth,
            "quality_modes": quality_modes, "stage2_alone": stage2_alone, "large_frames": large_frames,
+           "window_memory": window_memory,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]
