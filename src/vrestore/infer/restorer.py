@@ -403,7 +403,8 @@ class Restorer:
             # in place: ``done`` is this window's own (float frames the size of the output, a window of them)
             arr = done.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ready.extend(arr)
-            pending = out[len(buf) - keep:] if keep else None
+            # a copy: a view would keep this whole window's float frames allocated while the next one runs
+            pending = out[len(buf) - keep:].clone() if keep else None
             start += len(buf) - keep
             buf = buf[len(buf) - keep:]
 
