@@ -697,7 +697,7 @@ def bench(model: str = typer.Option("qe", help="Bundled name, registered size (e
                                        "stage 1's DCN sampling); the compilation happens in the warm-up frames."),
           stage2_tta: int = typer.Option(1, "--stage2-tta", help="As `restore --stage2-tta`."),
           tile: int = typer.Option(0, help="Tiles of this many input pixels, as `restore --tile` (0: none; "
-                                   "-1: `restore`'s default for this size and machine)."),
+                                   "-1: `restore`'s default for this size)."),
           json_out: Path = typer.Option(None, "--json", help="Also write the result here.")) -> None:
     """Frames/s and peak memory of a model on this machine, as JSON."""
     from .infer.bench import bench as run_bench

@@ -109,7 +109,8 @@ def _ramp(n: int, lo_overlap: int, hi_overlap: int) -> torch.Tensor:
 
 def _tiling(total: int, size: int, overlap: int) -> tuple[int, list[int]]:
     """One axis of the tiles: their length and starts. As few tiles as ``size`` allows, all of one length
-    (a multiple of 8 where ``size`` allows), spread evenly with at least ``overlap`` shared pixels. Tiles of
+    (a multiple of 8 where ``size`` allows), spread evenly with at least ``overlap`` shared pixels (at most
+    half the size: tiles that overlap more would advance by a pixel or two). Tiles of
     ``size`` placed from the start would leave the last one mostly overlap: 1024 px tiles on 1080 rows
     restored 1024 + 1024 rows, where two tiles of 560 cover them."""
     if total <= size:
