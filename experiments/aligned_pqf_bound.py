@@ -70,12 +70,11 @@ def measure(spynet, lq: np.ndarray, gt: np.ndarray, pqfs: list[int], block: int,
         for key, v in (("input", cur), ("warped_prev", warped[0]), ("warped_next", warped[1]), ("prev", pa),
                        ("next", pb)):
             rows[key].append(float(((v[0] - gt_t) ** 2).mean()))
-        for key, (a, b) in (("oracle_aligned", warped), ("oracle_unaligned", (pa, pb))):
+        for key, (a, b) in (("oracle_unaligned", (pa, pb)), ("oracle_aligned", warped)):
             errs = torch.stack([block_mse(c[0], gt_t, block) for c in candidates(cur, a, b)])
             rows[key].append(float(errs.min(0).values.mean()))
-        # the oracle restricted to what a fusion must keep near the frame: frame or its averages
-        errs = torch.stack([block_mse(c[0], gt_t, block) for c in candidates(cur, *warped)[:4]])
-        rows["oracle_aligned_frame"].append(float(errs.min(0).values.mean()))
+        # the aligned oracle restricted to what a fusion must keep near the frame: frame or its averages
+        rows["oracle_aligned_frame"].append(float(errs[:4].min(0).values.mean()))
     return {k: round(float(np.mean([psnr_of(m) for m in v])), 3) for k, v in rows.items()}
 
 

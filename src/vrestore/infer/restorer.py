@@ -513,11 +513,11 @@ def _keep_grey(out: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
     """Outputs (T, 3, H, W) of greyscale inputs (R = G = B everywhere: a black-and-white video, whose chroma
     the codec kept exactly) made grey again: the models add faint colour noise to them (about 0.3 of
     squared error per chroma plane on the greyscale validation clips, docs/models.md), and a restored
-    black-and-white film should stay black and white. Other frames are returned as they are."""
+    black-and-white film should stay black and white. Other frames are left as they are. In place: ``out`` is
+    the stream's own window, and a copy would hold a second window of float frames for a black-and-white film."""
     grey = [i for i, x in enumerate(inputs) if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])]
     if not grey:
         return out
-    out = out.clone()
     y = (out[grey].clamp(0, 1) * _LUMA.to(out.device, out.dtype)).sum(1, keepdim=True)  # of the RGB it would be
     out[grey] = y.expand(-1, 3, -1, -1)
     return out
