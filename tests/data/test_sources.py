@@ -5,6 +5,8 @@ from vrestore.data.sources import (
     EXTRA_PHOTOS,
     PHOTOS,
     VALIDATION_PHOTOS,
+    camera_path,
+    cartoon_video,
     flatten,
     photo,
     recolour,
@@ -70,8 +72,6 @@ def test_variants_are_written_next_to_each_photo(tmp_path):
 def test_a_camera_path_with_holds_stops_and_moves_and_leaves_the_plain_path_unchanged():
     from itertools import groupby
 
-    from vrestore.data.sources import camera_path
-
     plain = camera_path(60, seed=3)
     assert camera_path(60, seed=3, holds=False) == plain  # the data sets made before holds existed
     held = camera_path(60, seed=3, holds=True)
@@ -80,3 +80,26 @@ def test_a_camera_path_with_holds_stops_and_moves_and_leaves_the_plain_path_unch
     runs = [len(list(g)) for _, g in groupby(held)]
     stops = [n for n in runs[:-1] if n > 1]  # the last run may be cut by the clip's end
     assert stops and min(stops) >= 7  # a stop of 6 to 15 frames holds the position 7 to 16 times
+
+
+def test_cartoons_are_flat_and_their_objects_move_under_a_still_camera():
+    """Rendered-animation stand-ins: mostly flat colour, and shapes that move on their own, so that while the
+    camera holds, a few pixels change and most stay."""
+    clip = cartoon_video(30, (64, 80), seed=4, holds=True)
+    assert clip.shape == (30, 64, 80, 3) and clip.dtype == np.uint8
+    assert np.array_equal(clip, cartoon_video(30, (64, 80), seed=4, holds=True))
+    assert np.abs(clip.astype(int) - cartoon_video(30, (64, 80), seed=5, holds=True)).mean() > 10
+    smooth = np.abs(np.diff(clip.astype(int), axis=2)).max(-1) <= 3
+    assert smooth.mean() > 0.6
+    cams = camera_path(30, seed=4, holds=True)
+    held = [t for t in range(1, 30) if cams[t] == cams[t - 1]]
+    assert held
+    changed = np.mean([(np.abs(clip[t].astype(int) - clip[t - 1]).max(-1) > 8).mean() for t in held])
+    assert 0.001 < changed < 0.5
+
+
+def test_cartoons_are_written_after_the_photographs(tmp_path):
+    paths = write_clean_sources(tmp_path, n_frames=2, size=(32, 48), photos=(), clips=(), cartoons=2)
+    assert [p.name for p in paths] == ["cartoon_000.mkv", "cartoon_001.mkv"]
+    first = np.stack([f.rgb for f in VideoReader(paths[0])])
+    assert first.shape == (2, 32, 48, 3)

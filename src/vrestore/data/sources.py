@@ -133,14 +133,125 @@ def flatten(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return recolour((np.clip(flat, 0, 1) * 255).round().astype(np.uint8), rng)
 
 
+def _radius(theta: torch.Tensor, kind: str, a: float, b: float, n: int, wobble: np.ndarray) -> torch.Tensor:
+    """Boundary radius of a star-shaped outline at angle ``theta`` (shape frame): an ellipse, a regular
+    polygon or a blob (a circle with a few low harmonics)."""
+    if kind == "ellipse":
+        return a * b / torch.sqrt((b * torch.cos(theta)) ** 2 + (a * torch.sin(theta)) ** 2)
+    if kind == "polygon":
+        sector = 2 * math.pi / n
+        return a * math.cos(math.pi / n) / torch.cos(torch.remainder(theta, sector) - sector / 2)
+    r = torch.full_like(theta, a)
+    for k, (amp, ph) in enumerate(wobble, start=2):
+        r = r + a * amp * torch.cos(k * theta + ph)
+    return r
+
+
+def _smooth_noise(rng: np.random.Generator, size: int = 64) -> torch.Tensor:
+    """Band-limited noise in [-1, 1], (1, 1, size, size): a fur or grass texture that moves with its shape."""
+    x = torch.from_numpy(rng.standard_normal((1, 1, size // 4, size // 4))).float()
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return x / x.abs().amax().clamp_min(1e-6)
+
+
+def cartoon_video(n_frames: int, size: tuple[int, int], seed: int, holds: bool = False) -> np.ndarray:
+    """Render (n_frames, H, W, 3) uint8 frames of a procedural cartoon: a two-tone backdrop with a wavy
+    horizon, and flat or softly shaded shapes (some outlined, some textured) that each move and turn on their
+    own, cross and hide each other, or stand still; edges are anti-aliased, some clips have motion blur, and
+    the camera follows ``camera_path``. Rendered animation (Big Buck Bunny, the held-out clip where trained
+    models stop gaining) has flat colour, sharp edges and objects that move independently of a still
+    background; the panned photographs have none of these (docs/models.md, "Cartoons")."""
+    rng = np.random.default_rng([seed, 7])
+    h, w = size
+
+    def colour(sat: tuple[float, float] = (0.35, 1.0), val: tuple[float, float] = (0.35, 1.0)) -> torch.Tensor:
+        from skimage.color import hsv2rgb
+
+        hsv = np.array([[[rng.uniform(0, 1), rng.uniform(*sat), rng.uniform(*val)]]])
+        return torch.from_numpy(hsv2rgb(hsv)[0, 0]).float()
+
+    sky = (colour(val=(0.6, 1.0)), colour(val=(0.6, 1.0)))
+    ground = (colour(), colour())
+    horizon = (rng.uniform(0.2, 0.8) * h, rng.uniform(5, 25), rng.uniform(0.005, 0.03), rng.uniform(0, 2 * math.pi))
+    turf = (_smooth_noise(rng, 128), rng.uniform(0.05, 0.25), rng.uniform(20, 80))  # ground texture: amount, scale
+    shapes = []
+    for _ in range(int(rng.integers(8, 21))):
+        kind = str(rng.choice(["ellipse", "polygon", "blob"]))
+        a = math.exp(rng.uniform(math.log(3), math.log(0.22 * min(h, w))))  # many small shapes, a few large
+        still = rng.uniform() < 0.3
+        shapes.append({
+            "kind": kind, "a": a, "b": a * rng.uniform(0.4, 1.0), "n": int(rng.integers(3, 8)),
+            "wobble": np.stack([rng.uniform(0, 0.15, 3), rng.uniform(0, 2 * math.pi, 3)], 1),
+            "fill": colour(), "outline": rng.uniform(1.0, 3.0) if rng.uniform() < 0.5 else 0.0,
+            "shade": rng.uniform(0.2, 0.6) if rng.uniform() < 0.6 else 0.0, "light": rng.uniform(0, 2 * math.pi),
+            "texture": _smooth_noise(rng) * rng.uniform(0.05, 0.3) if rng.uniform() < 0.4 else None,
+            "p0": np.array([rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 1.1) * h]),
+            "v": np.zeros(2) if still else rng.uniform(-3, 3, 2), "bob": 0.0 if still else rng.uniform(0, 6),
+            "spin": 0.0 if still else math.radians(rng.uniform(-3, 3)), "angle": rng.uniform(0, 2 * math.pi),
+            "phase": rng.uniform(0, 2 * math.pi),
+        })
+    blur = rng.uniform() < 0.5
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) - (h - 1) / 2,
+                            torch.arange(w, dtype=torch.float32) - (w - 1) / 2, indexing="ij")
+
+    def render(t: float, cam: tuple[float, float, float, float]) -> torch.Tensor:
+        dx, dy, zoom, ang = cam
+        ca, sa = math.cos(ang), math.sin(ang)
+        sx = (ca * xs - sa * ys) / zoom + (w - 1) / 2 + dx  # scene coordinates of each pixel
+        sy = (sa * xs + ca * ys) / zoom + (h - 1) / 2 + dy
+        hy = horizon[0] + horizon[1] * torch.sin(horizon[2] * sx + horizon[3])
+        up = (sy / h).clamp(0, 1)[..., None]
+        img = sky[0] * (1 - up) + sky[1] * up
+        g = ((sy - hy) / h).clamp(0, 1)[..., None]
+        ground_col = ground[0] * (1 - g) + ground[1] * g
+        grid = torch.stack((sx / turf[2], sy / turf[2]), -1)[None] % 4
+        grid = torch.where(grid > 2, 4 - grid, grid) - 1  # mirrored tiles: the texture covers the scene, no seams
+        ground_col = ground_col * (1 + turf[1] * F.grid_sample(turf[0], grid, mode="bilinear",
+                                                               align_corners=False)[0, 0, ..., None])
+        a = (0.5 + (sy - hy) * zoom).clamp(0, 1)[..., None]  # anti-aliased horizon, one output pixel wide
+        img = img * (1 - a) + ground_col * a
+        for s in shapes:
+            cx = s["p0"][0] + s["v"][0] * t + s["bob"] * math.sin(0.2 * t + s["phase"])
+            cy = s["p0"][1] + s["v"][1] * t + s["bob"] * math.cos(0.17 * t + s["phase"])
+            rot = s["angle"] + s["spin"] * t
+            u = (sx - cx) * math.cos(rot) + (sy - cy) * math.sin(rot)
+            v = -(sx - cx) * math.sin(rot) + (sy - cy) * math.cos(rot)
+            rho, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+            d = (rho - _radius(theta, s["kind"], s["a"], s["b"], s["n"], s["wobble"])) * zoom  # output pixels
+            alpha = (0.5 - d).clamp(0, 1)[..., None]
+            col = s["fill"].expand(h, w, 3)
+            if s["shade"]:
+                lit = (u * math.cos(s["light"]) + v * math.sin(s["light"])) / s["a"]
+                col = col * (1 + s["shade"] * lit.clamp(-1, 1))[..., None]
+            if s["texture"] is not None:
+                grid = torch.stack((u / s["a"], v / s["a"]), -1)[None] * 0.5
+                tex = F.grid_sample(s["texture"], grid, mode="bilinear", padding_mode="reflection",
+                                    align_corners=False)
+                col = col * (1 + tex[0, 0])[..., None]
+            if s["outline"]:
+                edge = (0.5 - (-d - s["outline"])).clamp(0, 1)[..., None]  # 1 within the band inside the edge
+                col = col * (1 - edge) + s["fill"] * 0.2 * edge
+            img = img * (1 - alpha) + col * alpha
+        return img
+
+    frames = []
+    for i, cam in enumerate(camera_path(n_frames, seed, holds)):
+        img = render(i, cam)
+        if blur:  # shutter open over half the frame interval: two more samples, the camera held
+            img = (img + render(i - 0.25, cam) + render(i + 0.25, cam)) / 3
+        frames.append((img.clamp(0, 1) * 255).round().byte().numpy())
+    return np.stack(frames)
+
+
 def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (256, 320),
                         photos: tuple[str, ...] = PHOTOS, clips: tuple[str, ...] = ("bikes",),
-                        variants: int = 0, holds: bool = False) -> list[Path]:
+                        variants: int = 0, holds: bool = False, cartoons: int = 0) -> list[Path]:
     """Write lossless clean videos (FFV1) to ``out``: one pseudo-video per
     photograph plus the named sample clips re-encoded losslessly. ``variants``
     more per photograph, alternately recoloured and flattened (``recolour``,
     ``flatten``), each along its own camera path (``holds``: with still
-    stretches, ``camera_path``)."""
+    stretches, ``camera_path``). ``cartoons``: that many procedural cartoons
+    (``cartoon_video``), every other one with camera holds."""
     from ..video.io import VideoReader, VideoWriter
 
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +270,13 @@ def write_clean_sources(out: Path, n_frames: int = 40, size: tuple[int, int] = (
                     for f in pan_video(img, n_frames, size, seed=i + 100 * j, holds=holds):
                         wr.write(f)
             paths.append(p)
+    for k in range(cartoons):
+        p = out / f"cartoon_{k:03d}.mkv"
+        if not p.exists():
+            with VideoWriter(p, fps=25, codec="ffv1") as wr:
+                for f in cartoon_video(n_frames, size, seed=5000 + k, holds=bool(k % 2)):
+                    wr.write(f)
+        paths.append(p)
     for name in clips:
         p = out / f"clip_{name}.mkv"
         if not p.exists():
