@@ -247,6 +247,23 @@ def test_window_buffers_are_reused_and_callers_tensors_kept(small_frames, random
     assert np.array_equal(streamed, direct)
 
 
+def test_uint8_clips_become_float_tile_by_tile_with_the_same_result(small_frames, random_model):
+    """The stream hands run_clip its window as uint8 (a tiled run then never holds it as float): the result
+    is run_clip's on the float frames, with tiles, without, with x8 TTA; stage 1's output for stage 2 alone
+    is a new tensor, not the caller's clip."""
+    s1, s2 = random_model("basicvsrpp_c16n2_x4"), random_model("swinir_e24_color_dn", seed=1)
+    u8 = torch.from_numpy(small_frames[:3, :40, :48]).permute(0, 3, 1, 2).contiguous()
+    x = u8.float() / 255
+    for kw in ({}, {"tile": 24, "tile_overlap": 8}, {"tta": True}):
+        r = _fp32(s1, s2, **kw)
+        assert torch.equal(r.run_clip(u8), r.run_clip(x)), kw
+    alone = _fp32(None, s2)
+    assert torch.equal(alone.run_clip(u8, stage2=False), x)
+    out = alone.run_clip(x, stage2=False)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert tta_forward(x, 0) is x and tta_inverse(x, 0) is x  # no copy of a window for the identity
+
+
 def test_tiles_are_few_and_even():
     """Each axis gets the fewest tiles of at most ``size`` that share ``overlap`` pixels, all of one length and
     spread evenly: the old placement (tiles of ``size`` from the start, the last flush with the end) gave 1080

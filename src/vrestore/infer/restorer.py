@@ -79,12 +79,18 @@ def _as_model(spec: ModelSpec, backend: str, device: str, frames: int):
 # x8 geometric transforms on (..., H, W) tensors
 
 def tta_forward(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Transform ``k`` in 0..7: rotate by (k % 4) quarter turns, then flip W if k >= 4."""
+    """Transform ``k`` in 0..7: rotate by (k % 4) quarter turns, then flip W if k >= 4. ``k`` = 0 returns
+    ``x`` itself (``rot90`` by no turns copies: a window of float frames, measured)."""
+    if k == 0:
+        return x
     y = torch.rot90(x, k % 4, dims=(-2, -1))
     return y.flip(-1) if k >= 4 else y
 
 
 def tta_inverse(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo ``tta_forward(., k)``; ``k`` = 0 returns ``y`` itself."""
+    if k == 0:
+        return y
     if k >= 4:
         y = y.flip(-1)
     return torch.rot90(y, -(k % 4), dims=(-2, -1))
@@ -282,10 +288,10 @@ class Restorer:
         def run(t: torch.Tensor) -> torch.Tensor:
             acc = None
             for k in self.stage2_transforms:
-                x = tta_forward(t, k).contiguous() if k else t
+                x = tta_forward(t, k).contiguous()
                 for m in self.stage2s:
                     y = m(x).float()
-                    y = tta_inverse(y, k) if k else y
+                    y = tta_inverse(y, k)
                     acc = y if acc is None else acc + y
             return acc / (len(self.stage2s) * len(self.stage2_transforms))
 
@@ -320,24 +326,32 @@ class Restorer:
                 sl = (..., slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
                 out[sl] += y.float() * wgt
                 norm[sl[1:]] += wgt
-        return out / norm
+        return out.div_(norm)  # in place: a second window of float output frames otherwise, for a moment
 
     def run_clip(self, clip: torch.Tensor, pqfs: list[int] | None = None, *, stage2: bool = True) -> torch.Tensor:
-        """Restore one clip held in memory: (T, 3, H, W) float in [0, 1] ->
+        """Restore one clip held in memory: (T, 3, H, W) float in [0, 1], or uint8 ->
         (T, 3, sH, sW) float (not clipped). TTA spans both stages. ``stage2=False``: stage 1's output (the
-        stream runs stage 2 itself, once per frame; not with x8 TTA, whose transforms pair the two stages)."""
+        stream runs stage 2 itself, once per frame; not with x8 TTA, whose transforms pair the two stages).
+        A uint8 clip becomes float tile by tile, so a tiled run never holds the whole clip as float."""
         if not stage2 and self.tta:
             raise VrestoreError("x8 TTA spans both stages: stage 1 alone cannot be run under it")
-        clip = clip.to(self.precision.device, torch.float32)
+        clip = clip.to(self.precision.device)
+        if clip.dtype != torch.uint8:
+            clip = clip.float()
+
+        def first(t: torch.Tensor) -> torch.Tensor:
+            return self._stage1(t.float().div_(255.0) if t.dtype == torch.uint8 else t, pqfs)
+
         transforms = range(8) if self.tta else [0]
         acc = None
         with torch.inference_mode():
             for k in transforms:
                 x = tta_forward(clip, k)
-                y = self._tiled(lambda t, _p=pqfs: self._stage1(t, _p), x, self.tile_for(*x.shape[-2:]),
-                                self.tile_overlap, self.scale)
+                y = self._tiled(first, x, self.tile_for(*x.shape[-2:]), self.tile_overlap, self.scale)
                 y = tta_inverse(self._stage2(y) if stage2 else y, k)
                 acc = y if acc is None else acc + y
+        if acc is clip:  # stage 2 alone, not run here: the caller's own tensor, which its caller may write to
+            acc = acc.clone()
         return acc if len(transforms) == 1 else acc / len(transforms)
 
     # -- streams -------------------------------------------------------------
@@ -390,9 +404,8 @@ class Restorer:
                 # alone needs none).
                 ctx = min(self.chunk, len(recent)) - len(buf) if final and self.stage1 else 0
                 clip = list(recent)[len(recent) - len(buf) - ctx:] if ctx else buf
-                x = torch.stack(clip).float().div_(255.0)
-                out = self.run_clip(x, window_pqfs(start - ctx, len(clip)), stage2=not late)[ctx:]
-                del x  # freed before stage 2 runs (stage 2 alone keeps it, as stage 1's output, in ``out``)
+                # uint8: run_clip makes float frames one tile at a time
+                out = self.run_clip(torch.stack(clip), window_pqfs(start - ctx, len(clip)), stage2=not late)[ctx:]
                 if ov:
                     w = _ramp(2 * ov, 0, ov)[ov:].view(-1, 1, 1, 1).to(out.device)  # previous window's weight
                     out[:ov] = pending * w + out[:ov] * (1 - w)
