@@ -336,6 +336,14 @@ def window_memory() -> None:
     _save("window_memory", {"warmup": 0, "rows": [r for m, a in cases for r in _memory_rows(m, "1920x1080", a)]})
 
 
+def tiled_windows() -> None:
+    """Peak memory of full 32-frame windows in 512 px tiles at 1920x1080, the way `restore` runs large frames
+    (tiles bound the features; the window's whole-frame buffers remain), for `qe` and for stage 2 alone
+    (`qe-fast`); ``VRESTORE_BENCH_BEFORE`` as in ``large_frames``."""
+    cases = [("qe", ["--frames", "32", "--tile", "512"]), ("qe-fast", ["--frames", "32", "--tile", "512"])]
+    _save("tiled_windows", {"warmup": 0, "rows": [r for m, a in cases for r in _memory_rows(m, "1920x1080", a)]})
+
+
 def speed() -> None:
     args = ["--model", "basicvsrpp_c64n7_x1", "--stage2", "none", "--size", "960x536", "--frames", "20",
             "--warmup", "4"]  # steady state for both: kernel set-up and first-touch memory are not throughput
@@ -670,7 +678,7 @@ if __name__ == "__main__":
     fns = {"dcn": dcn, "stage1": stage1, "stage2": stage2, "attention": attention, "memory": memory, "speed": speed,
            "bundled": bundled, "stream": stream, "long_video": long_video, "stage2_depth": stage2_depth,
            "quality_modes": quality_modes, "stage2_alone": stage2_alone, "large_frames": large_frames,
-           "window_memory": window_memory,
+           "window_memory": window_memory, "tiled_windows": tiled_windows,
            "swin1080": swin1080, "chunks": chunks, "onnx": onnx,
            "gpu": gpu, "load": load, "train": train, "train_convs": train_convs, "report": report}
     everything = [n for n in list(fns)[:-1] if n != "gpu" or torch.cuda.is_available()]

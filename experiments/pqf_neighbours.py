@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from vrestore.data.pairs import PairedClips, augment, to_tensor
 from vrestore.infer.device import keep_freed_memory
 from vrestore.metrics import psnr
-from vrestore.models.checkpoint import load
+from vrestore.models.checkpoint import load, save
 
 
 def neighbour_pqfs(t: int, pqfs: list[int], n: int) -> tuple[int, int]:
@@ -182,6 +182,8 @@ def train_arm(arm: str, args: argparse.Namespace, data: Triples, val: list) -> d
     rec["end"] = rec["curve"][-1]["val"]
     if args.save:
         torch.save(ema.module.state_dict(), Path(args.save) / f"{arm}.pt")
+        if arm == "plain":  # a stage-2 file as any other, for `model_card.py --stage2` and `restore --stage2`
+            save(ema.module.base, Path(args.save) / "plain.safetensors")
     return rec
 
 
