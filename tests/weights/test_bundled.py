@@ -33,6 +33,9 @@ def test_bundled_model_is_registered_and_matches_its_entry(name):
     for key in ("recipe", "stage2_recipe"):
         if key in entry:
             assert entry[key].endswith(".yaml") and (Path(__file__).parents[2] / entry[key]).is_file()
+    if "stage2_tuning" in entry:  # a step after the recipe, run by a script: the script must exist
+        script = next(w for w in entry["stage2_tuning"].split() if w.endswith(".py"))
+        assert (Path(__file__).parents[2] / script).is_file()
 
 
 def test_a_bundled_stage2_list_is_an_ensemble(tmp_path, monkeypatch, random_model):
