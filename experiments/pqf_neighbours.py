@@ -210,6 +210,8 @@ def main() -> None:
     if args.heldout:
         Path(args.out).write_text(json.dumps({"args": vars(args), "heldout": score_heldout(args)}, indent=1))
         return
+    if args.save:  # made before training, so a long run cannot end without a place for its weights
+        Path(args.save).mkdir(parents=True, exist_ok=True)
     data = Triples(args.data, args.patch)
     val = PairedClips(args.val, 2, 2).validation_clips(args.val_frames)
     val = [(n, lq, gt, sorted(p)) for n, lq, gt, p in val]
