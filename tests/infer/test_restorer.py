@@ -162,8 +162,8 @@ def test_stream_runs_stage2_once_per_frame(small_frames, random_model):
         then = (s2.inner(x).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     assert min(psnr(a, b) for a, b in zip(out, then, strict=True)) > 45
     s2.frames = 0
-    _fp32(s1, s2, chunk=10, overlap=4, tta=True).restore_frames(frames[:12])  # windows of 10 + 2 (back over 8)
-    assert s2.frames == 8 * (10 + 10)
+    _fp32(s1, s2, chunk=4, overlap=2, tta=True).restore_frames(frames[:5])  # windows of 4 + 1 (back over 3)
+    assert s2.frames == 8 * (4 + 4)
     with pytest.raises(VrestoreError, match="spans both stages"):
         _fp32(s1, s2, tta=True).run_clip(torch.zeros(2, 3, 8, 8), stage2=False)
 
