@@ -115,3 +115,22 @@ def tiny_pairs(tmp_path_factory, small_clean) -> Path:
     out = tmp_path_factory.mktemp("pairs") / "qe"
     prepare_dataset(small_clean, out, task="qe")
     return out
+
+
+@pytest.fixture(scope="session")
+def renamed_copy():
+    """``f(src, dst, name, scale=None)``: a copy of the prepared set ``src`` whose one clip is called ``name`` (and,
+    given, whose scale is another): a second data set for tests of recipes that list several."""
+    import json
+    import shutil
+
+    def copy(src: Path, dst: Path, name: str, scale: int | None = None) -> Path:
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "meta.json").read_text())
+        meta["clips"] = {name: next(iter(meta["clips"].values()))}
+        if scale is not None:
+            meta["scale"] = scale
+        (dst / "meta.json").write_text(json.dumps(meta))
+        return dst
+
+    return copy

@@ -7,6 +7,7 @@ import pytest
 
 from vrestore.data import pairs
 from vrestore.data.pairs import FRAME_STORE, PairedClips, decoded_frames, read_meta
+from vrestore.errors import VrestoreError
 
 
 def test_frames_are_decoded_once_and_memory_mapped(tiny_pairs, monkeypatch):
@@ -73,3 +74,24 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pairs.save_npy(tmp_path / "a.npy", np.zeros(3))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_several_prepared_sets_train_as_one(tmp_path, tiny_pairs, renamed_copy):
+    """Real clips and, say, procedural cartoons prepared apart: their clips in
+    name order, each set after the one before; sets that would be ambiguous
+    together (one clip name twice, two scales) are refused by name."""
+    other = renamed_copy(tiny_pairs, tmp_path / "other", "aaa_first_by_name")
+    one = PairedClips(tiny_pairs, 3, 32)
+    both = PairedClips([tiny_pairs, other], 3, 32)
+    assert [c.name for c in both.clips] == [c.name for c in one.clips] + ["aaa_first_by_name"]
+    assert np.array_equal(both.clips[-1].lq, one.clips[0].lq)
+    assert both.weights == pytest.approx([0.5, 0.5])  # by frame count
+    picks = {both.sample(1, np.random.default_rng(s))[0].shape for s in range(4)}
+    assert picks == {(1, 3, 3, 32, 32)}
+    assert [c.name for c in PairedClips([tiny_pairs, other], 3, 32, subset=["aaa_*"]).clips] == ["aaa_first_by_name"]
+    with pytest.raises(VrestoreError, match=f"is in both {tiny_pairs} and"):
+        PairedClips([tiny_pairs, renamed_copy(tiny_pairs, tmp_path / "same", one.clips[0].name)], 3, 32)
+    with pytest.raises(VrestoreError, match=r"mix scales \[1, 4\]"):
+        PairedClips([tiny_pairs, renamed_copy(tiny_pairs, tmp_path / "x4", "b", scale=4)], 3, 32)
+    with pytest.raises(VrestoreError, match="no prepared data set"):
+        PairedClips([], 3, 32)

@@ -204,3 +204,41 @@ def test_a_stage2_trained_to_run_alone_caches_the_compressed_frames(tmp_path, ti
     del cfg.data["stage1"]  # forgotten: an error, not a silent stage 2 on the compressed frames
     with pytest.raises(VrestoreError, match="needs data.stage1"):
         Trainer(cfg)._stage1_cache(str(tiny_pairs), "stage1_cache")
+
+
+def test_a_recipe_trains_on_several_prepared_sets(tmp_path, tiny_pairs, renamed_copy):
+    """``data.train`` may list prepared sets (real clips plus procedural cartoons, say): a step's subset may name a
+    clip of any of them, the stage-2 cache holds every set's clips in order, and a cache made from one set is not
+    reused for two."""
+    import numpy as np
+
+    from vrestore.data.pairs import PairedClips
+
+    other = renamed_copy(tiny_pairs, tmp_path / "cartoons", "cartoon_000")
+    recipe = {"name": "s2", "out": str(tmp_path / "run"), "seed": 0, "device": "cpu", "dtype": "fp32",
+              "model": {"name": "swinir_e24_color_dn", "zero_last": True},
+              "data": {"train": [str(tiny_pairs), str(other)], "stage1": "none", "cache_frames": 3, "patch": 32,
+                       "batch": 2},
+              "steps": [{"iters": 1, "data": "stage1_cache", "loss": "mse"},
+                        {"iters": 1, "data": "stage1_cache", "loss": "mse", "subset": ["cartoon_*"]}]}
+    OmegaConf.save(OmegaConf.create(recipe), tmp_path / "s2.yaml")
+    cfg = load_recipe(tmp_path / "s2.yaml")  # the subset matches a clip of the second set only
+    OmegaConf.save(OmegaConf.merge(cfg, {"steps": [{"iters": 1, "subset": ["nothing_*"]}]}), tmp_path / "bad.yaml")
+    with pytest.raises(VrestoreError, match=f"matches no clip of {tiny_pairs}, {other}"):
+        load_recipe(tmp_path / "bad.yaml")
+    twice = OmegaConf.merge(cfg, {"data": {"train": [str(tiny_pairs), str(other), str(tiny_pairs)]}})
+    OmegaConf.save(twice, tmp_path / "twice.yaml")
+    with pytest.raises(VrestoreError, match="is in both"):  # at load, not after a first step of other data
+        load_recipe(tmp_path / "twice.yaml")
+    trainer = Trainer(cfg)
+    single = json.loads((trainer._stage1_cache(str(tiny_pairs), "stage1_cache") / "index.json").read_text())
+    assert single["names"] == [c.name for c in PairedClips(tiny_pairs, 2, 2).clips]
+    final = trainer.run(None)  # the list replaces the one-set cache: rebuilt, not reused
+    clips = PairedClips([tiny_pairs, other], 2, 2).clips
+    cache = tmp_path / "run" / "stage1_cache"
+    index = json.loads((cache / "index.json").read_text())
+    assert index["names"] == [c.name for c in clips] and clips[-1].name == "cartoon_000"
+    assert json.loads(index["made_from"])["data"] == [str(tiny_pairs.resolve()), str(other.resolve())]
+    for k, c in enumerate(clips):
+        assert np.array_equal(np.load(cache / f"input_{k}.npy"), c.lq[:3])
+    assert final.exists()

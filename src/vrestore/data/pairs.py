@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -121,21 +122,51 @@ def in_subset(name: str, subset: list[str] | None) -> bool:
     return not subset or any(fnmatch(name, pattern) for pattern in subset)
 
 
+def data_roots(root: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One prepared data set folder, or several (a recipe's ``data.train``
+    may list them, e.g. real clips and procedural cartoons), as a list."""
+    if isinstance(root, (str, os.PathLike)):
+        return [Path(root)]
+    roots = [Path(str(r)) for r in root]
+    if not roots:
+        raise VrestoreError("no prepared data set given (an empty list)")
+    return roots
+
+
+def read_metas(root: str | Path | Sequence[str | Path]) -> list[tuple[Path, dict]]:
+    """(folder, meta.json) of each data set of ``root`` in order; the sets
+    must share a scale, and clip names must be unique across them so that a
+    step's ``subset`` and the logs name one clip each."""
+    metas = [(r, read_meta(r)) for r in data_roots(root)]
+    scales = {int(m["scale"]) for _, m in metas}
+    if len(scales) > 1:
+        raise VrestoreError(f"data sets {[str(r) for r, _ in metas]} mix scales {sorted(scales)}: prepare them "
+                            "for one task")
+    seen: dict[str, Path] = {}
+    for r, m in metas:
+        for name in m["clips"]:
+            if name in seen:
+                raise VrestoreError(f"clip {name!r} is in both {seen[name]} and {r}: rename one of the source "
+                                    "videos and prepare its set again")
+            seen[name] = r
+    return metas
+
+
 class PairedClips:
-    """Windows of ``clip_len`` frames from a prepared data set folder;
+    """Windows of ``clip_len`` frames from a prepared data set folder, or
+    from several (their clips in name order, each set after the one before);
     ``subset``: clip names or shell patterns (``ldv_*``) to keep."""
 
-    def __init__(self, root: str | Path, clip_len: int, patch: int, *, subset: list[str] | None = None,
-                 dedup: bool = False, max_frames: int | None = None):
-        root = Path(root)
-        meta = read_meta(root)
-        self.scale = int(meta["scale"])
+    def __init__(self, root: str | Path | Sequence[str | Path], clip_len: int, patch: int, *,
+                 subset: list[str] | None = None, dedup: bool = False, max_frames: int | None = None):
+        metas = read_metas(root)
+        self.scale = int(metas[0][1]["scale"])
         self.clip_len, self.patch = clip_len, patch
         self.clips: list[Clip] = []
-        for name, c in sorted(meta["clips"].items()):
+        for folder, name, c in [(f, n, c) for f, m in metas for n, c in sorted(m["clips"].items())]:
             if not in_subset(name, subset):
                 continue
-            lq, gt = decoded_frames(root, c["lq"]), decoded_frames(root, c["gt"])
+            lq, gt = decoded_frames(folder, c["lq"]), decoded_frames(folder, c["gt"])
             if max_frames:
                 lq, gt = lq[:max_frames], gt[:max_frames]
             n = min(len(lq), len(gt))
@@ -148,7 +179,9 @@ class PairedClips:
                 continue
             self.clips.append(Clip(name, lq, gt, set(c["pqfs"]), keep))
         if not self.clips:
-            raise VrestoreError(f"{root}: no clip has {clip_len} frames{' in subset ' + str(subset) if subset else ''}")
+            where = ", ".join(str(f) for f, _ in metas)
+            within = f" in subset {subset}" if subset else ""
+            raise VrestoreError(f"{where}: no clip has {clip_len} frames{within}")
         weights = np.array([len(c.keep) for c in self.clips], np.float64)
         self.weights = weights / weights.sum()
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ..errors import VrestoreError
@@ -96,10 +96,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
     """Catch at start what would otherwise stop a run hours in: unknown
     losses or data kinds, and subsets that match no clip."""
-    from ..data.pairs import in_subset, read_meta
+    from ..data.pairs import data_roots, in_subset, read_metas
 
-    root = Path(str(cfg.get("data", {}).get("train", "")))
-    clips = read_meta(root).get("clips", {}) if (root / "meta.json").exists() else None
+    roots = data_roots(train_sets(cfg)) if cfg.get("data", {}).get("train") else []
+    root = ", ".join(str(r) for r in roots)
+    clips = None  # sets, and subsets of them, are checked where every set is prepared already
+    if roots and all((r / "meta.json").exists() for r in roots):
+        clips = [n for _, meta in read_metas(roots) for n in meta.get("clips", {})]  # one scale, distinct names
     for i, step in enumerate(cfg.steps):
         label = f"{where}: step {i} ({step.get('name', '?')})"
         if "iters" not in step:
@@ -116,6 +119,12 @@ def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
         if subset and clips is not None:
             if not any(in_subset(n, subset) for n in clips):
                 raise VrestoreError(f"{label}: subset {list(subset)} matches no clip of {root}")
+
+
+def train_sets(cfg: DictConfig) -> str | list[str]:
+    """``data.train``: one prepared data set folder, or a list of them."""
+    train = cfg.data.train
+    return [str(r) for r in train] if isinstance(train, ListConfig) else str(train)
 
 
 def ema_warmup(decay: float, updates: int) -> float:
@@ -142,11 +151,13 @@ def _exclusive(lock: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def stage1_cache_key(stage1: str, root: str, clips: list[str], frames: int | None) -> str:
-    """What a stage-1 output cache was made from (model file, data, clip names,
-    frames per clip): a cache left in a run folder by other data or another
-    stage-1 model must not be reused silently. ``none``: stage 2 alone, its inputs the compressed frames."""
-    key = {"stage1": "none", "data": str(Path(root).resolve()), "clips": clips, "frames": frames}
+def stage1_cache_key(stage1: str, root: str | list[str], clips: list[str], frames: int | None) -> str:
+    """What a stage-1 output cache was made from (model file, data set or
+    sets, clip names, frames per clip): a cache left in a run folder by other
+    data or another stage-1 model must not be reused silently. ``none``: stage
+    2 alone, its inputs the compressed frames."""
+    data = str(Path(root).resolve()) if isinstance(root, str) else [str(Path(r).resolve()) for r in root]
+    key = {"stage1": "none", "data": data, "clips": clips, "frames": frames}
     if not no_stage1(stage1):
         st = Path(stage1).stat()
         key |= {"stage1": str(Path(stage1).resolve()), "stage1_size": st.st_size, "stage1_mtime_ns": st.st_mtime_ns}
@@ -340,7 +351,7 @@ class Trainer:
         key = f"{kind}:{subset}"
         if key not in self._datasets:
             if kind == "pairs":
-                self._datasets[key] = PairedClips(d.train, int(d.clip_len), int(d.patch),
+                self._datasets[key] = PairedClips(train_sets(self.cfg), int(d.clip_len), int(d.patch),
                                                   subset=list(subset) if subset else None,
                                                   dedup=bool(d.get("dedup", False)))
             elif kind == FLOW_KIND:
@@ -350,16 +361,16 @@ class Trainer:
             elif kind == "noisy_stills":
                 self._datasets[key] = NoisyStills(int(d.patch), tuple(d.get("sigma", (5.0, 50.0))))
             else:  # stage1_cache (check_steps admits DATA_KINDS only)
-                self._datasets[key] = FramePairs(self._stage1_cache(d.train, "stage1_cache"), int(d.patch),
-                                                 subset=list(subset) if subset else None)
+                cache = self._stage1_cache(train_sets(self.cfg), "stage1_cache")
+                self._datasets[key] = FramePairs(cache, int(d.patch), subset=list(subset) if subset else None)
         return self._datasets[key]
 
-    def _stage1_cache(self, root: str, name: str, frames: int | None = None) -> Path:
-        """Run the stage-1 model once over the clips of ``root`` and cache
+    def _stage1_cache(self, root: str | list[str], name: str, frames: int | None = None) -> Path:
+        """Run the stage-1 model once over the clips of ``root`` (a data set, or a list of them) and cache
         (output, GT) frames in the folder ``name``, one .npy per clip written as
         it is restored (memory-mapped when read, like the data set's frames):
         stage 2 fine-tunes and validates on them."""
-        from ..data.pairs import CACHE_INDEX, read_meta
+        from ..data.pairs import CACHE_INDEX, read_metas
 
         d = self.cfg.data
         if not d.get("stage1"):
@@ -368,7 +379,8 @@ class Trainer:
         cache, index = self.out / name, self.out / name / CACHE_INDEX
         limit = frames or d.get("cache_frames")
         # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
-        made_from = stage1_cache_key(d.stage1, root, sorted(read_meta(Path(root))["clips"]), limit)
+        names = [n for _, meta in read_metas(root) for n in sorted(meta["clips"])]
+        made_from = stage1_cache_key(d.stage1, root, names, limit)
         self.out.mkdir(parents=True, exist_ok=True)
         with _exclusive(self.out / f".{name}.lock"):  # torchrun ranks on one machine: one builds, the others reuse
             if index.exists():
@@ -387,7 +399,7 @@ class Trainer:
             os.replace(tmp, cache)
         return cache
 
-    def _write_stage1_outputs(self, root: str, out: Path, limit: int | None, name: str) -> list[str]:
+    def _write_stage1_outputs(self, root: str | list[str], out: Path, limit: int | None, name: str) -> list[str]:
         """Restore (the first ``limit`` frames of) each clip of ``root`` with the
         stage-1 model into ``out``, clip by clip; the clips' names."""
         from ..data.pairs import PairedClips, save_npy
