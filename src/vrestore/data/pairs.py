@@ -152,6 +152,13 @@ def read_metas(root: str | Path | Sequence[str | Path]) -> list[tuple[Path, dict
     return metas
 
 
+def clip_names(root: str | Path | Sequence[str | Path]) -> list[str]:
+    """The clip names of one prepared set or several, in the order the sets
+    are sampled and cached (each set's in name order, after the set before),
+    read from meta.json alone: nothing is decoded."""
+    return [n for _, meta in read_metas(root) for n in sorted(meta["clips"])]
+
+
 class PairedClips:
     """Windows of ``clip_len`` frames from a prepared data set folder, or
     from several (their clips in name order, each set after the one before);

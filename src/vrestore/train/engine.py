@@ -96,13 +96,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 def check_steps(cfg: DictConfig, where: object = "recipe") -> None:
     """Catch at start what would otherwise stop a run hours in: unknown
     losses or data kinds, and subsets that match no clip."""
-    from ..data.pairs import data_roots, in_subset, read_metas
+    from ..data.pairs import clip_names, data_roots, in_subset
 
     roots = data_roots(train_sets(cfg)) if cfg.get("data", {}).get("train") else []
     root = ", ".join(str(r) for r in roots)
     clips = None  # sets, and subsets of them, are checked where every set is prepared already
     if roots and all((r / "meta.json").exists() for r in roots):
-        clips = [n for _, meta in read_metas(roots) for n in meta.get("clips", {})]  # one scale, distinct names
+        clips = clip_names(roots)  # also checks one scale and distinct names
     for i, step in enumerate(cfg.steps):
         label = f"{where}: step {i} ({step.get('name', '?')})"
         if "iters" not in step:
@@ -370,7 +370,7 @@ class Trainer:
         (output, GT) frames in the folder ``name``, one .npy per clip written as
         it is restored (memory-mapped when read, like the data set's frames):
         stage 2 fine-tunes and validates on them."""
-        from ..data.pairs import CACHE_INDEX, read_metas
+        from ..data.pairs import CACHE_INDEX, clip_names
 
         d = self.cfg.data
         if not d.get("stage1"):
@@ -379,8 +379,7 @@ class Trainer:
         cache, index = self.out / name, self.out / name / CACHE_INDEX
         limit = frames or d.get("cache_frames")
         # the key needs the clip names only: decode the clips when the cache is (re)built, not to check it
-        names = [n for _, meta in read_metas(root) for n in sorted(meta["clips"])]
-        made_from = stage1_cache_key(d.stage1, root, names, limit)
+        made_from = stage1_cache_key(d.stage1, root, clip_names(root), limit)
         self.out.mkdir(parents=True, exist_ok=True)
         with _exclusive(self.out / f".{name}.lock"):  # torchrun ranks on one machine: one builds, the others reuse
             if index.exists():
